@@ -1,0 +1,77 @@
+"""The deployable network: normalisation in front of the user's module, and BN-layer discovery."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.registry import build_model
+from models.spec import InputSpec, ModelSpec
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel; ``x`` in [0, 1]."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """``net(normalize(x))``: every part of the product feeds images scaled to [0, 1]."""
+
+    def __init__(self, net: nn.Module, input_spec: InputSpec) -> None:
+        super().__init__()
+        self.normalize = Normalize(input_spec.mean, input_spec.std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+def bn_layers(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer with running statistics, found by type whatever the model calls it."""
+    return {
+        name: m
+        for name, m in module.named_modules()
+        if isinstance(m, BN_TYPES) and m.track_running_stats and m.running_mean is not None
+    }
+
+
+def build_classifier(spec: ModelSpec) -> Classifier:
+    kwargs = dict(spec.arch_kwargs)
+    return Classifier(build_model(spec.arch, kwargs), spec.input)
+
+
+def save_weights(net: nn.Module, path: Path) -> None:
+    """State dict as safetensors (no pickle)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    save_file(state, str(path))
+
+
+def load_weights(net: nn.Module, path: Path) -> None:
+    """Load a state dict from safetensors, or from a ``.pt``/``.pth`` file with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} does not hold a state dict")
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {path} do not fit the architecture: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+        )
