@@ -8,7 +8,7 @@ DEMO_DIR ?= artifacts/demo
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: env test test-fast demo demo-build serve bench clean
+.PHONY: env promtool test test-fast demo demo-build serve bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,24 @@ $(BIN)/.installed: pyproject.toml
 
 env: $(BIN)/.installed
 
-test: env
+# promtool (Debian's `prometheus` package) for tests/test_deploy.py. Best effort: only the promtool
+# binary is unpacked into the venv (no Prometheus daemon is installed); root refreshes the package
+# lists first. When it cannot be had, the promtool checks are skipped with a reason.
+promtool: env
+	@command -v promtool >/dev/null 2>&1 || test -x $(BIN)/promtool || { \
+	  tmp=$$(mktemp -d); \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq >/dev/null 2>&1; fi; \
+	  (cd $$tmp && apt-get download -qq prometheus >/dev/null 2>&1) \
+	    && dpkg-deb -x $$tmp/prometheus_*.deb $$tmp/root \
+	    && cp $$tmp/root/usr/bin/promtool $(BIN)/promtool; \
+	  rm -rf $$tmp; \
+	  test -x $(BIN)/promtool || echo "promtool unavailable: tests/test_deploy.py skips its promtool checks"; \
+	}
+
+test: env promtool
 	$(BIN)/python -m pytest -q
 
-test-fast: env
+test-fast: env promtool
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo-build: env
