@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trigger-type", choices=["patch", "perturbation", "both"], default="both")
     p.add_argument("--threshold", type=float, default=7.0)
     p.add_argument("--divergence", choices=["tv", "js", "kl"], default="tv")
-    p.add_argument("--epochs", type=int, default=None, help="BNA optimisation epochs")
+    p.add_argument("--steps", dest="steps_bna", type=int, default=None,
+                   help="BNA full-set Adam steps (default 60)")
     p.add_argument("--out", required=True, help="bundle directory to write")
     _add_byo(p)
     _add_common(p)

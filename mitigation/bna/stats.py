@@ -1,0 +1,65 @@
+"""Reading and overriding BatchNorm layers' statistics without touching the module's weights."""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from models.network import bn_layers
+
+
+def channel_view(out: torch.Tensor) -> torch.Tensor:
+    """BN output [N, C, *] -> [C, N * prod(*)]."""
+    return out.transpose(0, 1).reshape(out.shape[1], -1)
+
+
+def normalise(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """BN in inference form, differentiable in ``mean`` and ``var`` (F.batch_norm is not, in eval mode)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    if bn.weight is not None:
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    return out
+
+
+@contextmanager
+def capture_bn_outputs(net: nn.Module, sink: Callable[[str, torch.Tensor], None],
+                       stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Iterator[None]:
+    """Within the block every BN layer's output goes to ``sink(name, output)``.
+
+    With ``stats`` ({name: (mean, var)}), those layers normalise with the given (differentiable)
+    statistics instead of their buffers.
+    """
+    handles = []
+    for name, bn in bn_layers(net).items():
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, name: str = name):
+            if stats is not None and name in stats:
+                mean, var = stats[name]
+                output = normalise(inputs[0], mean, var, module)
+            sink(name, output)
+            return output
+
+        handles.append(bn.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def reestimate_bn(net: nn.Module, x: torch.Tensor, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                  chunk: int = 512) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """BN statistics re-estimated on ``x`` (cumulative average over chunks), from a copy of ``net``."""
+    twin = copy.deepcopy(net)
+    layers = bn_layers(twin)
+    for bn in layers.values():
+        bn.reset_running_stats()
+        bn.momentum = None
+    twin.train()
+    for i in range(0, len(x), chunk):
+        forward(twin, x[i : i + chunk])
+    return {n: (bn.running_mean.clone(), bn.running_var.clone()) for n, bn in layers.items()}

@@ -1,0 +1,231 @@
+"""Orchestration: all ordered pairs -> MAD -> detected pairs, targets, sources -> per-target triggers."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mitigation.attacks import Trigger
+from mitigation.detection.mad import mad_scores
+from mitigation.detection.reverse import ReverseConfig, ReverseResult, reverse_engineer, success_rate, group_index
+from mitigation.detection.triggers import FAMILIES, PairTriggers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectionConfig:
+    trigger_type: str = "both"  # patch | perturbation | both
+    threshold: float = 7.0
+    pair: ReverseConfig = field(default_factory=ReverseConfig)
+    reestimate_steps: int = 300
+    reestimate_images: int = 24
+    joint_ratio: float = 2.0  # A2A false-pair test: joint trigger this much larger than the smallest alone
+    binarise_fraction: float = 0.1  # patch estimate: mask -> 1 where it exceeds this fraction of its max
+
+
+@dataclass
+class PairRecord:
+    source: int
+    target: int
+    family: str
+    statistic: float
+    score: float
+    asr: float
+    size: float
+    flagged: bool
+    by_family: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "target": self.target, "family": self.family, "statistic": self.statistic,
+            "score": self.score, "asr": self.asr, "size": self.size, "flagged": self.flagged,
+            "by_family": self.by_family,
+        }
+
+
+@dataclass
+class TargetTrigger:
+    target: int
+    sources: list[int]
+    family: str
+    tensors: dict[str, torch.Tensor]  # single trigger (no leading group dim)
+    asr: float
+    size: float
+    score: float
+
+    def module(self) -> Trigger:
+        return PairTriggers.export(self.family, {k: v.unsqueeze(0) for k, v in self.tensors.items()}, 0)
+
+
+@dataclass
+class DetectionResult:
+    pairs: list[PairRecord]
+    threshold: float
+    trigger_type: str
+    triggers: dict[int, TargetTrigger]
+    seconds: float
+    timings: dict[str, float]
+    eliminated: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def detected_targets(self) -> list[int]:
+        return sorted(self.triggers)
+
+    @property
+    def sources(self) -> dict[int, list[int]]:
+        return {t: tr.sources for t, tr in sorted(self.triggers.items())}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "detected_targets": self.detected_targets,
+            "sources": {str(t): s for t, s in self.sources.items()},
+            "pairs": [p.as_dict() for p in self.pairs],
+            "threshold": self.threshold,
+            "trigger_type": self.trigger_type,
+            "triggers": {
+                str(t): {"family": tr.family, "sources": tr.sources, "asr": tr.asr, "size": tr.size, "score": tr.score}
+                for t, tr in sorted(self.triggers.items())
+            },
+            "eliminated_pairs": self.eliminated,
+            "seconds": round(self.seconds, 2),
+            "timings": {k: round(v, 2) for k, v in self.timings.items()},
+        }
+
+
+def all_pairs(num_classes: int) -> list[tuple[int, int]]:
+    return [(s, t) for s in range(num_classes) for t in range(num_classes) if s != t]
+
+
+def _families(trigger_type: str) -> tuple[str, ...]:
+    if trigger_type == "both":
+        return FAMILIES
+    if trigger_type not in FAMILIES:
+        raise ValueError(f"--trigger-type must be patch, perturbation or both, not {trigger_type!r}")
+    return (trigger_type,)
+
+
+def _binarise(model: nn.Module, x: torch.Tensor, index: torch.Tensor, target: int, tensors: dict[str, torch.Tensor],
+              frac: float, cfg: ReverseConfig) -> tuple[dict[str, torch.Tensor], float]:
+    """A solid stamped patch: mask -> 1 where it exceeds ``frac`` of its maximum. Kept only if no weaker."""
+    mask = tensors["mask"]
+    hard = (mask > frac * mask.max()).float()
+    cand = {"mask": hard, "pattern": tensors["pattern"]}
+    tgt = torch.tensor([target])
+    asr_soft = float(success_rate(model, x, index, tgt, "patch", {k: v.unsqueeze(0) for k, v in tensors.items()}, cfg)[0])
+    asr_hard = float(success_rate(model, x, index, tgt, "patch", {k: v.unsqueeze(0) for k, v in cand.items()}, cfg)[0])
+    return (cand, asr_hard) if asr_hard >= asr_soft else (tensors, asr_soft)
+
+
+def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                    cfg: DetectionConfig | None = None) -> DetectionResult:
+    """Detect a backdoor from the defender's clean set ``(x, y)`` (images in [0, 1])."""
+    cfg = cfg or DetectionConfig()
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    pairs = all_pairs(num_classes)
+    groups = [[s] for s, _ in pairs]
+    targets = [t for _, t in pairs]
+    results: dict[str, ReverseResult] = {}
+    scores: dict[str, torch.Tensor] = {}
+    for fam in _families(cfg.trigger_type):
+        t = time.perf_counter()
+        results[fam] = reverse_engineer(model, x, y, groups, targets, fam, cfg.pair, desc=f"pairs/{fam}")
+        timings[f"pairs_{fam}"] = time.perf_counter() - t
+        scores[fam] = mad_scores(1.0 / results[fam].size)  # statistic 1/size; no trigger -> 0
+        log.info("%s: %d pairs in %.1f s, max score %.2f", fam, len(pairs), timings[f"pairs_{fam}"], float(scores[fam].max()))
+
+    records: list[PairRecord] = []
+    for i, (s, t) in enumerate(pairs):
+        by_family = {
+            fam: {"statistic": float(1.0 / r.size[i]), "score": float(scores[fam][i]), "asr": float(r.asr[i]),
+                  "size": float(r.size[i])}
+            for fam, r in results.items()
+        }
+        fam = max(by_family, key=lambda f: by_family[f]["score"])
+        rec = by_family[fam]
+        records.append(PairRecord(s, t, fam, rec["statistic"], rec["score"], rec["asr"], rec["size"],
+                                  rec["score"] > cfg.threshold, by_family))
+
+    flagged: dict[int, list[PairRecord]] = {}
+    for r in records:
+        if r.flagged:
+            flagged.setdefault(r.target, []).append(r)
+    t = time.perf_counter()
+    triggers, eliminated = _estimate_targets(model, x, y, flagged, cfg)
+    timings["reestimate"] = time.perf_counter() - t
+    for e in eliminated:
+        for r in records:
+            if r.source == e["source"] and r.target == e["target"]:
+                r.flagged = False
+    return DetectionResult(records, cfg.threshold, cfg.trigger_type, triggers, time.perf_counter() - t0, timings,
+                           eliminated)
+
+
+def _family_of(recs: list[PairRecord]) -> str:
+    """The family in which this target's pairs are most anomalous."""
+    totals: dict[str, float] = {}
+    for r in recs:
+        for fam, v in r.by_family.items():
+            totals[fam] = totals.get(fam, 0.0) + v["score"]
+    return max(totals, key=totals.__getitem__)
+
+
+def _estimate_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flagged: dict[int, list[PairRecord]],
+                      cfg: DetectionConfig) -> tuple[dict[int, TargetTrigger], list[dict[str, Any]]]:
+    """Re-estimate each target's trigger jointly on all its sources (batched over targets and families).
+
+    All-to-all false pairs: when a target has several sources but the joint trigger is much larger than
+    the smallest single-source one, the sources do not share a trigger: keep only the smallest pair.
+    """
+    if not flagged:
+        return {}, []
+    re_cfg = ReverseConfig(**{**cfg.pair.__dict__, "steps": cfg.reestimate_steps,
+                              "images_per_group": cfg.reestimate_images})
+    plan = {t: sorted(r.source for r in recs) for t, recs in flagged.items()}
+    fams = {t: _family_of(recs) for t, recs in flagged.items()}
+    estimates = _joint(model, x, y, plan, fams, re_cfg)
+    eliminated: list[dict[str, Any]] = []
+    retry: dict[int, list[int]] = {}
+    for t, recs in flagged.items():
+        if len(recs) < 2:
+            continue
+        fam = fams[t]
+        smallest = min(recs, key=lambda r: r.by_family[fam]["size"])
+        alone = smallest.by_family[fam]["size"]
+        joint = float(estimates[t][1])
+        if joint > cfg.joint_ratio * alone:
+            retry[t] = [smallest.source]
+            for r in recs:
+                if r.source != smallest.source:
+                    eliminated.append({"source": r.source, "target": t, "joint_size": joint, "smallest_size": alone})
+            log.info("target %d: joint trigger %.2f > %.1f x %.2f: keeping only source %d",
+                     t, joint, cfg.joint_ratio, alone, smallest.source)
+    if retry:
+        estimates.update(_joint(model, x, y, retry, {t: fams[t] for t in retry}, re_cfg))
+        plan.update(retry)
+    triggers: dict[int, TargetTrigger] = {}
+    for t, (tensors, size, asr) in estimates.items():
+        fam = fams[t]
+        if fam == "patch":
+            index = group_index(y.cpu(), [plan[t]])
+            tensors, asr = _binarise(model, x, index, t, tensors, cfg.binarise_fraction, re_cfg)
+            size = float(tensors["mask"].sum())
+        score = max(r.score for r in flagged[t] if r.source in plan[t])
+        triggers[t] = TargetTrigger(t, plan[t], fam, tensors, float(asr), float(size), float(score))
+    return triggers, eliminated
+
+
+def _joint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: dict[int, list[int]], fams: dict[int, str],
+           cfg: ReverseConfig) -> dict[int, tuple[dict[str, torch.Tensor], float, float]]:
+    out: dict[int, tuple[dict[str, torch.Tensor], float, float]] = {}
+    for fam in sorted(set(fams.values())):
+        ts = [t for t in sorted(plan) if fams[t] == fam]
+        res = reverse_engineer(model, x, y, [plan[t] for t in ts], ts, fam, cfg, desc=f"re-estimate/{fam}")
+        for i, t in enumerate(ts):
+            out[t] = ({k: v[i] for k, v in res.tensors.items()}, float(res.size[i]), float(res.asr[i]))
+    return out

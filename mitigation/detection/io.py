@@ -1,0 +1,69 @@
+"""Writing and reading a detection: ``detection.json``, ``triggers.safetensors`` and the pictures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mitigation.detection.detect import DetectionResult, TargetTrigger
+
+DETECTION_JSON = "detection.json"
+TRIGGERS_FILE = "triggers.safetensors"
+
+
+def write_detection(result: DetectionResult, out: Path, pictures: bool = True) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{t}.{k}": v.contiguous().float() for t, tr in result.triggers.items() for k, v in tr.tensors.items()}
+    doc = result.as_dict()
+    if tensors:
+        save_file(tensors, str(out / TRIGGERS_FILE))
+        doc["triggers_file"] = TRIGGERS_FILE
+    if pictures:
+        from mitigation.detection.pictures import plot_scores, plot_triggers
+
+        doc["pictures"] = [plot_scores(result, out / "anomaly_scores.png")]
+        doc["pictures"] += plot_triggers(result, out)
+    path = out / DETECTION_JSON
+    path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
+def read_triggers(path: Path) -> tuple[dict, dict[int, TargetTrigger]]:
+    """The detection document and its per-target triggers."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DETECTION_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"detection file not found: {path}")
+    doc = json.loads(path.read_text())
+    triggers: dict[int, TargetTrigger] = {}
+    info = doc.get("triggers", {})
+    if info:
+        tfile = path.parent / doc.get("triggers_file", TRIGGERS_FILE)
+        if not tfile.is_file():
+            raise FileNotFoundError(f"{path} lists triggers but {tfile} is missing")
+        raw = load_file(str(tfile))
+        for key, meta in info.items():
+            t = int(key)
+            tensors = {k.split(".", 1)[1]: v for k, v in raw.items() if k.split(".", 1)[0] == key}
+            triggers[t] = TargetTrigger(t, [int(s) for s in meta["sources"]], meta["family"], tensors,
+                                        float(meta["asr"]), float(meta["size"]), float(meta.get("score", 0.0)))
+    return doc, triggers
+
+
+def scores_table(doc: dict) -> str:
+    """The flagged pairs and the top unflagged ones, as text for the CLI."""
+    pairs = sorted(doc["pairs"], key=lambda p: -p["score"])
+    lines = [f"{'source':>6} {'target':>6} {'family':>12} {'size':>8} {'asr':>5} {'score':>7}  flagged"]
+    shown = [p for p in pairs if p["flagged"]] + [p for p in pairs if not p["flagged"]][:3]
+    for p in shown:
+        lines.append(f"{p['source']:>6} {p['target']:>6} {p['family']:>12} {p['size']:>8.2f} {p['asr']:>5.2f} "
+                     f"{p['score']:>7.2f}  {'yes' if p['flagged'] else 'no'}")
+    return "\n".join(lines)
+
+
+def load_tensor_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in tensors.items()}

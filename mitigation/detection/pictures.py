@@ -1,0 +1,63 @@
+"""Pictures a person would rather look at than JSON: anomaly-score histogram and estimated triggers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from mitigation.detection.detect import DetectionResult  # noqa: E402
+
+
+def plot_scores(result: DetectionResult, path: Path) -> str:
+    fams = sorted({f for p in result.pairs for f in p.by_family})
+    fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.5), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        scores = [p.by_family[fam]["score"] for p in result.pairs]
+        flagged = [p.by_family[fam]["score"] for p in result.pairs if p.flagged and p.family == fam]
+        ax.hist(scores, bins=40, color="#7a9cc6", label="all pairs")
+        if flagged:
+            ax.hist(flagged, bins=40, color="#d9534f", label="flagged")
+        ax.axvline(result.threshold, color="k", ls="--", label=f"threshold {result.threshold:g}")
+        ax.set_title(f"MAD anomaly score ({fam})")
+        ax.set_xlabel("score")
+        ax.set_ylabel("pairs")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path).name
+
+
+def _img(t: torch.Tensor):  # noqa: ANN202
+    t = t.detach().float().cpu()
+    if t.shape[0] == 1:
+        return t[0].numpy(), "gray"
+    return t.permute(1, 2, 0).clamp(0, 1).numpy(), None
+
+
+def plot_triggers(result: DetectionResult, out: Path) -> list[str]:
+    names = []
+    for t, tr in result.triggers.items():
+        if tr.family == "patch":
+            panels = [("mask", tr.tensors["mask"]), ("pattern", tr.tensors["pattern"]),
+                      ("mask x pattern", tr.tensors["mask"] * tr.tensors["pattern"])]
+        else:
+            d = tr.tensors["delta"]
+            panels = [("perturbation (scaled)", (d - d.min()) / (d.max() - d.min() + 1e-8)), ("|perturbation|", d.abs())]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
+        for ax, (title, img) in zip(axes, panels):
+            arr, cmap = _img(img)
+            ax.imshow(arr, cmap=cmap, vmin=0, vmax=1 if cmap else None)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+        fig.suptitle(f"target {t}: sources {tr.sources}, own ASR {tr.asr:.2f}", fontsize=9)
+        fig.tight_layout()
+        name = f"trigger_target_{t}.png"
+        fig.savefig(Path(out) / name, dpi=100)
+        plt.close(fig)
+        names.append(name)
+    return names

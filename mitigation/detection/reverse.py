@@ -1,0 +1,172 @@
+"""One batched optimisation that reverse-engineers a trigger for many (sources -> target) groups at once.
+
+Each group ``g`` has a target class and a pool of clean images (one source class, or all of S(t)).
+Every step draws ``images_per_group`` images of every group, embeds the group's candidate trigger,
+and runs ONE forward/backward through the frozen model for all groups together. Lambda, the weight of
+the trigger-size penalty, adapts per group (Neural Cleanse's schedule) so that attack success stays
+above ``success_threshold`` while the trigger shrinks. The smallest successful trigger is kept.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mitigation.detection.triggers import PairTriggers, make_triggers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReverseConfig:
+    steps: int = 150
+    images_per_group: int = 4
+    lr_patch: float = 0.1
+    lr_perturbation: float = 0.02
+    init_lambda: float = 0.05
+    lambda_up: float = 1.5
+    lambda_down: float = 1.5 ** 1.5
+    patience: int = 5
+    success_threshold: float = 0.9
+    max_images_per_pass: int = 512
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class ReverseResult:
+    family: str
+    size: torch.Tensor  # [G] size of the best successful trigger (inf when none succeeded)
+    asr: torch.Tensor  # [G] attack success of the kept trigger on all of the group's images
+    tensors: dict[str, torch.Tensor]  # best trigger per group, e.g. mask [G,1,H,W] + pattern [G,C,H,W]
+
+
+def group_index(y: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """[G, L] matrix of image indices per group (classes pooled), cycled to a common length L."""
+    pools = [torch.cat([(y == c).nonzero(as_tuple=True)[0] for c in classes]) for classes in groups]
+    if any(p.numel() == 0 for p in pools):
+        empty = [g for g, p in zip(groups, pools) if p.numel() == 0]
+        raise ValueError(f"no clean images for source classes {empty}")
+    length = max(p.numel() for p in pools)
+    return torch.stack([p.repeat((length + p.numel() - 1) // p.numel())[:length] for p in pools])
+
+
+def _run_chunk(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, family: str,
+               cfg: ReverseConfig, g: torch.Generator, bar: tqdm) -> ReverseResult:
+    device = x.device
+    n_groups, length = index.shape
+    b = min(cfg.images_per_group, length)
+    trig = make_triggers(family, n_groups, tuple(x.shape[1:]), g).to(device)
+    lr = cfg.lr_patch if family == "patch" else cfg.lr_perturbation
+    opt = torch.optim.Adam(trig.parameters(), lr=lr, betas=(0.5, 0.9))
+    lam = torch.zeros(n_groups, device=device)  # 0 until the group first succeeds (Neural Cleanse)
+    started = torch.zeros(n_groups, dtype=torch.bool, device=device)
+    up = torch.zeros(n_groups, device=device)
+    down = torch.zeros(n_groups, device=device)
+    best_size = torch.full((n_groups,), float("inf"), device=device)
+    best = {k: v.clone() for k, v in trig.snapshot().items()}
+    # each group walks its own random permutation of its pool
+    order = torch.rand(n_groups, length, generator=g).argsort(dim=1).to(device)
+    rows = torch.arange(n_groups, device=device).unsqueeze(1)
+    tgt_rep = targets.to(device).repeat_interleave(b)
+    for step in range(cfg.steps):
+        cols = (torch.arange(b, device=device) + step * b) % length
+        xb = x[index.to(device)[rows, order[:, cols]]]  # [G, B, C, H, W]
+        xt = trig.embed(xb)
+        logits = model(xt.flatten(0, 1))
+        ce = F.cross_entropy(logits, tgt_rep, reduction="none").view(n_groups, b).mean(1)
+        size_n = trig.normalised_size()
+        loss = (ce + lam * size_n).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            succ = (logits.argmax(1) == tgt_rep).float().view(n_groups, b).mean(1)
+            ok = succ >= cfg.success_threshold
+            size = trig.size()
+            better = ok & (size < best_size)
+            if better.any():
+                snap = trig.snapshot()
+                for k in best:
+                    best[k][better] = snap[k][better]
+                best_size = torch.where(better, size, best_size)
+            newly = ok & ~started
+            lam = torch.where(newly, torch.full_like(lam, cfg.init_lambda), lam)
+            started |= ok
+            up = torch.where(ok & started, up + 1, torch.zeros_like(up))
+            down = torch.where(~ok & started, down + 1, torch.zeros_like(down))
+            raise_ = up >= cfg.patience
+            lower = down >= cfg.patience
+            lam = torch.where(raise_, lam * cfg.lambda_up, lam)
+            lam = torch.where(lower, lam / cfg.lambda_down, lam)
+            up = torch.where(raise_, torch.zeros_like(up), up)
+            down = torch.where(lower, torch.zeros_like(down), down)
+        bar.update(1)
+    # groups that never succeeded keep their final trigger, with its size, for the record
+    never = torch.isinf(best_size)
+    if never.any():
+        snap = trig.snapshot()
+        for k in best:
+            best[k][never] = snap[k][never]
+    asr = success_rate(model, x, index, targets, family, best, cfg)
+    size = _size_of(family, best)
+    # a trigger that does not really succeed on the whole pool is not a small trigger
+    size = torch.where(asr >= 0.5, size, torch.full_like(size, float("inf")))
+    return ReverseResult(family, size.cpu(), asr.cpu(), {k: v.cpu() for k, v in best.items()})
+
+
+def _size_of(family: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    if family == "patch":
+        return tensors["mask"].flatten(1).sum(1)
+    return tensors["delta"].flatten(1).norm(dim=1)
+
+
+@torch.no_grad()
+def success_rate(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, family: str,
+                 tensors: dict[str, torch.Tensor], cfg: ReverseConfig) -> torch.Tensor:
+    """Attack success of each group's trigger on every image of its pool (batched, chunked)."""
+    device = x.device
+    n_groups, length = index.shape
+    hits = torch.zeros(n_groups, device=device)
+    cols_per_pass = max(1, cfg.max_images_per_pass // n_groups)
+    for start in range(0, length, cols_per_pass):
+        idx = index[:, start : start + cols_per_pass].to(device)
+        xb = x[idx]
+        if family == "patch":
+            m = tensors["mask"].to(device).unsqueeze(1)
+            xt = (1 - m) * xb + m * tensors["pattern"].to(device).unsqueeze(1)
+        else:
+            xt = (xb + tensors["delta"].to(device).unsqueeze(1)).clamp(0, 1)
+        pred = model(xt.flatten(0, 1)).argmax(1).view(n_groups, -1)
+        hits += (pred == targets.to(device).unsqueeze(1)).float().sum(1)
+    return hits / length
+
+
+def reverse_engineer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups: list[list[int]],
+                     targets: list[int], family: str, cfg: ReverseConfig, desc: str = "reverse") -> ReverseResult:
+    """Reverse-engineer one trigger per group (sources ``groups[i]`` -> ``targets[i]``), batched.
+
+    Groups are processed in chunks so that one pass holds at most ``max_images_per_pass`` images.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    index = group_index(y.cpu(), groups)
+    tgt = torch.tensor(targets, dtype=torch.long)
+    per_chunk = max(1, cfg.max_images_per_pass // max(1, min(cfg.images_per_group, index.shape[1])))
+    g = torch.Generator().manual_seed(cfg.seed)
+    n_chunks = (len(groups) + per_chunk - 1) // per_chunk
+    results = []
+    with tqdm(total=cfg.steps * n_chunks, desc=desc, unit="step", disable=not cfg.progress) as bar:
+        for s in range(0, len(groups), per_chunk):
+            results.append(_run_chunk(model, x, index[s : s + per_chunk], tgt[s : s + per_chunk], family, cfg, g, bar))
+    return ReverseResult(
+        family,
+        torch.cat([r.size for r in results]),
+        torch.cat([r.asr for r in results]),
+        {k: torch.cat([r.tensors[k] for r in results]) for k in results[0].tensors},
+    )
