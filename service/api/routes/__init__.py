@@ -1,0 +1,10 @@
+"""All routes, assembled into one router."""
+from fastapi import APIRouter
+
+from service.api.routes import classify, health, metrics, model
+
+api_router = APIRouter()
+api_router.include_router(classify.router)
+api_router.include_router(health.router)
+api_router.include_router(model.router)
+api_router.include_router(metrics.router)

@@ -1,0 +1,114 @@
+"""Gateway settings (pydantic-settings, ``BNA_`` environment prefix).
+
+Every field can be set as an environment variable, e.g. ``BNA_MAX_BATCH_SIZE=32``; ``bna serve``'s
+``--host/--port/--workers`` flags override the environment.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """What an operator can tune. Defaults are safe for a public endpoint except ``api_key`` (off)."""
+
+    model_config = SettingsConfigDict(env_prefix="BNA_", extra="ignore", validate_default=True)
+
+    bundle: Path | None = Field(None, description="bundle directory (the CLI's BUNDLE argument)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(
+        1,
+        description=(
+            "uvicorn worker processes. Must be 1: the gateway keeps one process per device so that "
+            "micro-batching sees every request and the Prometheus counters live in one registry. "
+            "Scale out with more containers (one per GPU), each scraped on its own."
+        ),
+    )
+    device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1' ...")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own choice)")
+
+    max_batch_size: int = Field(64, ge=1, le=4096, description="largest batch given to the model")
+    max_batch_wait_ms: float = Field(
+        5.0, ge=0.0, le=1000.0, description="longest a queued image waits for more images to share its batch"
+    )
+    warmup: Literal["pow2", "all"] = Field(
+        "pow2", description="batch sizes warmed before ready: powers of two up to max_batch_size (+ max), or all"
+    )
+
+    max_body_bytes: int = Field(16 * MiB, ge=1024, description="largest request body accepted (413 above)")
+    max_image_pixels: int = Field(
+        16_000_000, ge=1, description="largest width*height of one image (413 above; decompression-bomb guard)"
+    )
+    max_images_per_request: int = Field(64, ge=1, description="most images in one request (413 above)")
+
+    api_key: SecretStr | None = Field(None, description="when set, /classify needs 'Authorization: Bearer <key>'")
+    quarantine_dir: Path | None = Field(None, description="save flagged images + a JSON record here (off when unset)")
+    quarantine_max_files: int = Field(1000, ge=1, description="most quarantined images kept; the oldest go first")
+
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="longest graceful shutdown waits for in-flight requests")
+    access_log: bool = Field(False, description="uvicorn access log (one line per request)")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v: object) -> object:
+        return None if v in ("", None) else v
+
+    @field_validator("quarantine_dir", "bundle", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v != "auto":
+            torch.device(v)  # raises on nonsense such as 'gpu'
+        return v
+
+    @model_validator(mode="after")
+    def _one_worker(self) -> "Settings":
+        if self.workers != 1:
+            raise ValueError(
+                f"workers={self.workers}: the gateway runs one worker process per device (micro-batching and "
+                "the Prometheus registry are per process); run more containers to scale out"
+            )
+        return self
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def max_batch_wait_s(self) -> float:
+        return self.max_batch_wait_ms / 1000.0
+
+    def warmup_batch_sizes(self) -> list[int]:
+        """Batch sizes run once before the gateway reports ready.
+
+        Eager PyTorch compiles nothing per shape: what a first call pays (CUDA context and cuBLAS/cuDNN
+        handles, oneDNN primitive creation, allocator pools) is paid by the first few sizes, and cuDNN's
+        per-shape autotuning stays off (``torch.backends.cudnn.benchmark = False``). So by default the
+        powers of two up to ``max_batch_size`` (and ``max_batch_size`` itself) are warmed, which keeps
+        startup short on CPU; ``warmup='all'`` runs every size from 1 to ``max_batch_size``.
+        """
+        if self.warmup == "all":
+            return list(range(1, self.max_batch_size + 1))
+        sizes = {self.max_batch_size}
+        size = 1
+        while size < self.max_batch_size:
+            sizes.add(size)
+            size *= 2
+        return sorted(sizes)
