@@ -8,7 +8,7 @@ DEMO_DIR ?= artifacts/demo
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: env promtool test test-fast demo demo-build serve bench clean
+.PHONY: env promtool prometheus test test-fast demo demo-build serve bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,10 +33,29 @@ promtool: env
 	  test -x $(BIN)/promtool || echo "promtool unavailable: tests/test_deploy.py skips its promtool checks"; \
 	}
 
-test: env promtool
+# The Prometheus server for tests/test_gateway_prometheus.py (a real Prometheus scrapes the gateway).
+# Best effort, as for promtool: the binary is unpacked from Debian's `prometheus` package into the venv
+# (no daemon, no service), or, failing that, root installs the package with apt. When neither works
+# the test is skipped with a reason.
+prometheus: env
+	@command -v prometheus >/dev/null 2>&1 || test -x $(BIN)/prometheus || { \
+	  tmp=$$(mktemp -d); \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq >/dev/null 2>&1; fi; \
+	  (cd $$tmp && apt-get download -qq prometheus >/dev/null 2>&1) \
+	    && dpkg-deb -x $$tmp/prometheus_*.deb $$tmp/root \
+	    && cp $$tmp/root/usr/bin/prometheus $(BIN)/prometheus; \
+	  rm -rf $$tmp; \
+	  if ! test -x $(BIN)/prometheus && [ "$$(id -u)" = 0 ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || true; \
+	  fi; \
+	  command -v prometheus >/dev/null 2>&1 || test -x $(BIN)/prometheus \
+	    || echo "prometheus unavailable: tests/test_gateway_prometheus.py is skipped"; \
+	}
+
+test: env promtool prometheus
 	$(BIN)/python -m pytest -q
 
-test-fast: env promtool
+test-fast: env promtool prometheus
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo-build: env
