@@ -73,7 +73,10 @@ class Settings(BaseSettings):
     def _device(cls, v: str) -> str:
         v = v.strip().lower()
         if v != "auto":
-            torch.device(v)  # raises on nonsense such as 'gpu'
+            try:
+                torch.device(v)
+            except RuntimeError as exc:  # e.g. 'gpu'
+                raise ValueError(f"unknown device {v!r}: use auto, cpu, cuda or cuda:N") from exc
         return v
 
     @model_validator(mode="after")
