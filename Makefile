@@ -8,7 +8,7 @@ DEMO_DIR ?= artifacts/demo
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: env promtool prometheus test test-fast demo demo-build serve bench clean
+.PHONY: env prometheus test test-fast demo demo-build serve bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,43 +19,35 @@ $(BIN)/.installed: pyproject.toml
 
 env: $(BIN)/.installed
 
-# promtool (Debian's `prometheus` package) for tests/test_deploy.py. Best effort: only the promtool
-# binary is unpacked into the venv (no Prometheus daemon is installed); root refreshes the package
-# lists first. When it cannot be had, the promtool checks are skipped with a reason.
-promtool: env
-	@command -v promtool >/dev/null 2>&1 || test -x $(BIN)/promtool || { \
-	  tmp=$$(mktemp -d); \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq >/dev/null 2>&1; fi; \
-	  (cd $$tmp && apt-get download -qq prometheus >/dev/null 2>&1) \
-	    && dpkg-deb -x $$tmp/prometheus_*.deb $$tmp/root \
-	    && cp $$tmp/root/usr/bin/promtool $(BIN)/promtool; \
-	  rm -rf $$tmp; \
-	  test -x $(BIN)/promtool || echo "promtool unavailable: tests/test_deploy.py skips its promtool checks"; \
-	}
-
-# The Prometheus server for tests/test_gateway_prometheus.py (a real Prometheus scrapes the gateway).
-# Best effort, as for promtool: the binary is unpacked from Debian's `prometheus` package into the venv
-# (no daemon, no service), or, failing that, root installs the package with apt. When neither works
-# the test is skipped with a reason.
+# Prometheus' server and promtool, both from Debian's `prometheus` package: the server for
+# tests/test_gateway_prometheus.py (a real Prometheus scrapes the gateway), promtool for
+# tests/test_deploy.py (config, rules and dashboard queries). Best effort: the two binaries are unpacked
+# from one download into the venv (no daemon, no service); failing that, root installs the package with
+# apt. Whatever cannot be had is reported, and the tests that need it are skipped with a reason.
 prometheus: env
-	@command -v prometheus >/dev/null 2>&1 || test -x $(BIN)/prometheus || { \
+	@missing=; for tool in prometheus promtool; do \
+	  command -v $$tool >/dev/null 2>&1 || test -x $(BIN)/$$tool || missing="$$missing $$tool"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 	  tmp=$$(mktemp -d); \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq >/dev/null 2>&1; fi; \
 	  (cd $$tmp && apt-get download -qq prometheus >/dev/null 2>&1) \
 	    && dpkg-deb -x $$tmp/prometheus_*.deb $$tmp/root \
-	    && cp $$tmp/root/usr/bin/prometheus $(BIN)/prometheus; \
+	    && for tool in $$missing; do cp $$tmp/root/usr/bin/$$tool $(BIN)/$$tool; done; \
 	  rm -rf $$tmp; \
-	  if ! test -x $(BIN)/prometheus && [ "$$(id -u)" = 0 ]; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || true; \
-	  fi; \
-	  command -v prometheus >/dev/null 2>&1 || test -x $(BIN)/prometheus \
-	    || echo "prometheus unavailable: tests/test_gateway_prometheus.py is skipped"; \
-	}
+	  for tool in $$missing; do \
+	    if ! test -x $(BIN)/$$tool && [ "$$(id -u)" = 0 ]; then \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || true; \
+	    fi; \
+	    command -v $$tool >/dev/null 2>&1 || test -x $(BIN)/$$tool \
+	      || echo "$$tool unavailable: the tests that need it are skipped"; \
+	  done; \
+	fi
 
-test: env promtool prometheus
+test: env prometheus
 	$(BIN)/python -m pytest -q
 
-test-fast: env promtool prometheus
+test-fast: env prometheus
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo-build: env
