@@ -7,8 +7,9 @@
 #                   https://download.pytorch.org/whl/cuXXX)
 #
 # The container serves the bundle mounted at /bundle: `bna serve /bundle --host 0.0.0.0 --port 8000`,
-# the same command the end-to-end tests start. docker-compose.yml also runs the offline job
-# (`bna demo`, `bna mitigate`) from this image.
+# the same command the end-to-end tests start. docker-compose.yml also runs the offline job from this
+# image: `bna-bundle-job demo|mitigate` (docker/bundle-job.sh) builds a bundle and installs it in /bundle.
+# /bundle, /work and /quarantine belong to the non-root user, so fresh named volumes mounted there do too.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -38,10 +39,10 @@ FROM ${PYTHON_IMAGE} AS runtime
 ARG UID=10001
 RUN groupadd --system --gid "${UID}" bna \
     && useradd --system --uid "${UID}" --gid bna --home-dir /home/bna --create-home --shell /usr/sbin/nologin bna \
-    && mkdir -p /bundle /demo /quarantine \
-    && chown bna:bna /bundle /demo /quarantine
+    && mkdir -p /bundle /work /quarantine \
+    && chown bna:bna /bundle /work /quarantine
 COPY --from=build /opt/venv /opt/venv
-COPY --chmod=0755 docker/demo-bundle.sh /usr/local/bin/bna-demo-bundle
+COPY --chmod=0755 docker/bundle-job.sh /usr/local/bin/bna-bundle-job
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -163,33 +163,73 @@ def test_compose_passes_only_real_gateway_settings(compose):
     assert not {"BNA_HOST", "BNA_PORT", "BNA_BUNDLE"} & set(names), "the command line sets these"
 
 
+def job_script(runtime: Stage, entrypoint: list[str]) -> Path:
+    """The repository file the image installs as the one-shot's entrypoint program."""
+    (copy,) = [a.split() for a in runtime.all("COPY") if a.split()[-1].endswith("/" + entrypoint[0])]
+    return ROOT / copy[-2]
+
+
 def test_compose_demo_is_the_default_bundle_source(compose, runtime):
     services = compose["services"]
     assert services["gateway"]["depends_on"]["demo"]["condition"] == "service_completed_successfully"
     demo = services["demo"]
-    assert volume_mounts(demo)["/bundle"] == (BUNDLE_VOLUME, False)
-    assert volume_mounts(demo)[demo["environment"]["BNA_DEMO_DIR"]][0] in compose["volumes"]
+    mounts = volume_mounts(demo)
+    assert mounts[demo["environment"]["BNA_BUNDLE_DIR"]] == (BUNDLE_VOLUME, False)
+    assert mounts[demo["environment"]["BNA_WORK_DIR"]][0] in compose["volumes"]
+    assert demo["entrypoint"][1:] == ["demo"] and "command" not in demo
     assert demo["healthcheck"] == {"disable": True}, "a one-shot job has no /readyz to probe"
-    script_name = demo["entrypoint"][0]
-    (copy,) = [a.split() for a in runtime.all("COPY") if a.split()[-1].endswith("/" + script_name)]
-    script = ROOT / copy[-2]
+    script = job_script(runtime, demo["entrypoint"])
     subprocess.run(["sh", "-n", str(script)], check=True)
-    text = script.read_text()
-    assert re.search(r'\[ -f "\$BUNDLE_DIR/manifest.json" \]', text), "an existing bundle is left alone"
-    assert re.search(r'^bna demo --out "\$DEMO_DIR"', text, re.M), "the script runs `bna demo --out DIR`"
-    assert build_parser().parse_args(["demo", "--out", "/demo"]).command == "demo"
+    assert re.search(r'^\s*bna demo --out "\$WORK_DIR/demo" "\$@"$', script.read_text(), re.M)
+    assert build_parser().parse_args(["demo", "--out", "/work/demo"]).command == "demo"
 
 
-def test_compose_mitigate_writes_the_bundle_the_gateway_serves(compose):
+def test_compose_mitigate_writes_the_bundle_the_gateway_serves(compose, runtime):
     mitigate = compose["services"]["mitigate"]
-    argv = mitigate["entrypoint"] + mitigate["command"]
-    assert argv[:2] == ["bna", "mitigate"]
-    args = build_parser().parse_args(argv[1:])
+    assert mitigate["entrypoint"][1:] == ["mitigate"]
+    script = job_script(runtime, mitigate["entrypoint"])
+    assert re.search(r'^\s*bna mitigate "\$@" --out "\$WORK_DIR/mitigate/bundle"$', script.read_text(), re.M)
+    args = build_parser().parse_args(["mitigate", *mitigate["command"], "--out", "/work/mitigate/bundle"])
     mounts = volume_mounts(mitigate)
-    assert mounts[args.out] == (BUNDLE_VOLUME, False)
+    assert mounts[mitigate["environment"]["BNA_BUNDLE_DIR"]] == (BUNDLE_VOLUME, False)
+    assert mounts[mitigate["environment"]["BNA_WORK_DIR"]][0] in compose["volumes"]
     assert mounts[args.model][1] and mounts[args.clean][1], "model and clean folder are mounted read-only"
     assert mitigate["environment"]["PYTHONPATH"] == args.model, "a bring-your-own factory in the model folder imports"
     assert mitigate["healthcheck"] == {"disable": True}
+
+
+FAKE_BNA = """#!/bin/sh
+# stands in for `bna demo` / `bna mitigate`: writes a two-file bundle to the --out directory
+echo "$@" >> "$CALLS"
+while [ "$#" -gt 0 ]; do [ "$1" = --out ] && out="$2"; shift; done
+case "$out" in */demo) out="$out/bundle" ;; esac
+mkdir -p "$out" && echo new > "$out/weights.safetensors" && echo '{}' > "$out/manifest.json"
+"""
+
+
+def test_bundle_job_installs_demo_only_when_empty_and_mitigate_always(tmp_path, runtime, compose):
+    script = job_script(runtime, compose["services"]["demo"]["entrypoint"])
+    bin_dir, bundle, work = tmp_path / "bin", tmp_path / "bundle", tmp_path / "work"
+    for d in (bin_dir, bundle, work):
+        d.mkdir()
+    (bin_dir / "bna").write_text(FAKE_BNA)
+    (bin_dir / "bna").chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "BNA_BUNDLE_DIR": str(bundle), "BNA_WORK_DIR": str(work), "CALLS": str(calls)}
+
+    def job(*args: str) -> None:
+        subprocess.run(["sh", str(script), *args], env=env, check=True, capture_output=True, timeout=30)
+
+    job("demo")
+    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "weights.safetensors"]
+    job("demo")  # a bundle is there: nothing is rebuilt
+    assert calls.read_text().splitlines() == [f"demo --out {work}/demo"]
+    (bundle / "twin_3.safetensors").write_text("stale")
+    job("mitigate", "--model", "/m", "--clean", "/c")
+    assert calls.read_text().splitlines()[-1] == f"mitigate --model /m --clean /c --out {work}/mitigate/bundle"
+    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "weights.safetensors"], "old files go"
+    failed = subprocess.run(["sh", str(script), "train"], env=env, capture_output=True, timeout=30)
+    assert failed.returncode == 2
 
 
 def test_gpu_override_reserves_nvidia_gpus_and_builds_cuda_torch(compose):
@@ -235,6 +275,8 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(compose):
     assert mounts["/etc/grafana/provisioning"] == ("./docker/grafana/provisioning", True)
     (provider,) = load_yaml(GRAFANA_PROVISIONING / "dashboards" / "bna-gateway.yml")["providers"]
     assert mounts[provider["options"]["path"]] == ("./" + str(DASHBOARD.parent.relative_to(ROOT)), True)
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
     for panel in json.loads(DASHBOARD.read_text())["panels"]:
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == source["uid"], panel["title"]
