@@ -171,7 +171,10 @@ def _cifar_python(folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarra
     xs, ys = [], []
     for f in files:
         with open(folder / f, "rb") as fh:
-            d = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+            try:
+                d = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+            except (pickle.UnpicklingError, EOFError) as exc:
+                raise DatasetError(f"{folder / f}: not a CIFAR-10 python batch: {exc}") from exc
         xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(d[b"labels"], dtype=np.int64))
     return np.concatenate(xs), np.concatenate(ys)
@@ -193,10 +196,10 @@ def load_cifar10(root: str | Path, clean_per_class: int = 100, seed: int = 0) ->
     candidates = [root, root / "cifar-10-batches-py", root / "cifar-10-batches-bin"]
     for folder in candidates:
         if all((folder / f).is_file() for f in py_names):
-            x, y = _cifar_python(folder, py_names)
+            read, names = _cifar_python, py_names
             break
         if all((folder / f).is_file() for f in bin_names):
-            x, y = _cifar_binary(folder, bin_names)
+            read, names = _cifar_binary, bin_names
             break
     else:
         raise DatasetError(
@@ -204,13 +207,22 @@ def load_cifar10(root: str | Path, clean_per_class: int = 100, seed: int = 0) ->
             f"(cifar-10-batches-py/ with data_batch_1..5 and test_batch) or the binary release "
             f"(cifar-10-batches-bin/ with data_batch_1..5.bin and test_batch.bin). Nothing is downloaded."
         )
-    xt = torch.from_numpy(x).float().div_(255.0)
-    yt = torch.from_numpy(y)
-    n_train = 50000
+    x_tr, y_tr = read(folder, names[:5])
+    x_te, y_te = read(folder, names[5:])
+    xt = torch.from_numpy(np.concatenate([x_tr, x_te])).float().div_(255.0)
+    yt = torch.from_numpy(np.concatenate([y_tr, y_te]))
+    n_train = len(y_tr)
     tr_idx = torch.arange(n_train)
     # the defender's clean pool comes from the official test batch (as in the paper), the rest is held out
     g_te = yt[n_train:]
-    _, cl, te = stratified_split(g_te, clean_per_class, len(g_te) // 10 - clean_per_class, seed)
+    short = [c for c in range(len(CIFAR_CLASSES)) if int((g_te == c).sum()) <= clean_per_class]
+    if short:
+        raise DatasetError(f"cifar10: the test batch in {folder} has too few images of classes {short} "
+                           f"for {clean_per_class} clean images per class plus a held-out split")
+    cl = _take_per_class(g_te, clean_per_class, seed)
+    held_out = torch.ones(len(g_te), dtype=torch.bool)
+    held_out[cl] = False
+    te = held_out.nonzero(as_tuple=True)[0]
     spec = InputSpec(shape=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
     full = ImageSet(xt, yt)
     return Dataset("cifar10", CIFAR_CLASSES, spec, full.subset(tr_idx), full.subset(cl + n_train),
@@ -256,11 +268,11 @@ def read_image_folder(root: str | Path, channels: int | None = None, size: tuple
         if not files:
             raise DatasetError(f"image folder {root}: class folder {cname!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         for f in files:
-            if channels is None or size is None:
-                with Image.open(f) as probe:
-                    channels = channels or (1 if probe.mode in ("L", "1", "I", "I;16", "F") else 3)
-                    size = size or (probe.size[1], probe.size[0])
             try:
+                if channels is None or size is None:
+                    with Image.open(f) as probe:
+                        channels = channels or (1 if probe.mode in ("L", "1", "I", "I;16", "F") else 3)
+                        size = size or (probe.size[1], probe.size[0])
                 images.append(decode_image(f, channels, size))
             except (UnidentifiedImageError, OSError) as exc:
                 raise DatasetError(f"image folder {root}: cannot read {f}: {exc}") from exc
@@ -283,8 +295,8 @@ def load_dataset(name: str, root: str | None = None, clean_per_class: int = 50, 
         return load_mnist5k(clean_per_class, seed)
     if name == "digits8x8":
         return load_digits8x8(clean_per_class, seed)
-    if name == "synthetic":
-        return make_synthetic(clean_per_class=clean_per_class, seed=seed)
+    if name == "synthetic":  # enough images per class for the clean pool, a held-out quarter and training
+        return make_synthetic(per_class=max(60, 2 * clean_per_class + 20), clean_per_class=clean_per_class, seed=seed)
     if name in ("cifar10", "imagefolder"):
         if not root:
             raise DatasetError(f"dataset {name!r} reads a local folder: pass --data-root (nothing is downloaded)")
