@@ -1,22 +1,24 @@
 """Dynamic micro-batching across concurrent requests: the *batch* and *unbatch* stages.
 
-Each request's decoded images are one job in a FIFO queue. A single worker task forms a batch of at
-most ``max_batch_size`` images (a job larger than the room left is split across batches), hands it to
-the *predict* callable in a one-thread executor (one model call per batch, never on the event loop),
-and gives each job its slice of the result.
+Each request's decoded images are one job in a FIFO queue shared by the event loop and one inference
+thread. The inference thread forms a batch of at most ``max_batch_size`` images (a job larger than the
+room left is split across batches), makes one *predict* call for it (never on the event loop), and
+hands each job its slice of the result back on the event loop.
 
-When to dispatch: as soon as the batch is full; otherwise the worker waits for more images only
-while some request is already on its way in (body being read or images decoded, see
-:meth:`MicroBatcher.incoming`) and never longer than ``max_wait_s`` after the oldest queued job
-arrived. A lone request therefore goes straight to the model, while requests arriving together share
-a batch. Images that arrive while a batch is running queue up and form the next one.
+When to dispatch: as soon as the batch is full; otherwise the thread waits for more images only while
+some request is already on its way in (body being read or images decoded, see
+:meth:`MicroBatcher.incoming`), and never longer than ``max_wait_s`` after the oldest queued job
+arrived. A lone request therefore goes straight to the model, requests arriving together share a
+batch, and because the thread takes what is queued the moment it is free, the event loop keeps
+reading and decoding the next requests while the model runs (the two overlap instead of taking turns).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -39,8 +41,8 @@ class _Job:
     images: torch.Tensor
     future: asyncio.Future[BatchOutcome]
     enqueued: float
-    scheduled: int = 0
-    finished: int = 0
+    scheduled: int = 0  # images handed to a batch (inference thread, under the lock)
+    finished: int = 0  # images with outcomes (event loop)
     pieces: list[BatchOutcome] = field(default_factory=list)
 
     @property
@@ -56,7 +58,7 @@ _Part = tuple[_Job, int, int]  # job, first image, one past the last image
 
 
 class MicroBatcher:
-    """Queue + worker that turns concurrent ``submit`` calls into batched ``predict`` calls."""
+    """Queue + inference thread that turn concurrent requests into batched ``predict`` calls."""
 
     def __init__(self, predict: PredictFn, max_batch_size: int, max_wait_s: float) -> None:
         if max_batch_size < 1:
@@ -64,96 +66,85 @@ class MicroBatcher:
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bna-inference")
+        self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._queued_images = 0
         self._incoming = 0
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="bna-inference", daemon=True)
 
-    # -- lifecycle -------------------------------------------------------------------------------
+    # -- lifecycle (event loop) ------------------------------------------------------------------
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="bna-batcher")
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
 
     async def stop(self) -> None:
-        """Take no new jobs, finish the queued ones, then stop the worker and its thread."""
-        self._closing = True
-        self._wakeup.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-        self._executor.shutdown(wait=True)
+        """Take no new jobs, finish the queued ones, then end the inference thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join)
 
-    async def run_in_executor(self, fn: Callable[[], object]) -> object:
-        """Run ``fn`` on the inference thread (used for warm-up, so it shares the model's thread)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-
-    # -- producer side ---------------------------------------------------------------------------
+    # -- producer side (event loop) --------------------------------------------------------------
     @contextmanager
     def incoming(self) -> Iterator[None]:
-        """Mark a request as on its way (reading/decoding) so a forming batch waits for it."""
-        self._incoming += 1
+        """Mark a request as on its way (reading/decoding) so that a forming batch waits for it."""
+        with self._cond:
+            self._incoming += 1
         try:
             yield
         finally:
-            self._incoming -= 1
-            self._wakeup.set()
+            with self._cond:
+                self._incoming -= 1
+                self._cond.notify()
 
-    async def submit(self, images: torch.Tensor) -> BatchOutcome:
-        """Queue a request's images ``[N, C, H, W]`` and wait for their outcomes (in order)."""
-        if self._closing:
-            raise BatcherClosed("the gateway is shutting down")
+    def enqueue(self, images: torch.Tensor) -> asyncio.Future[BatchOutcome]:
+        """Queue a request's images ``[N, C, H, W]``; the future gives their outcomes, in order.
+
+        Call it inside :meth:`incoming` so the job is queued before the request stops counting as
+        on its way."""
         if images.shape[0] == 0:
             raise ValueError("no images to classify")
-        loop = asyncio.get_running_loop()
-        job = _Job(images, loop.create_future(), loop.time())
-        self._queue.append(job)
-        self._queued_images += job.size
-        self._wakeup.set()
-        return await job.future
+        if self._loop is None:
+            raise RuntimeError("the batcher has not been started")
+        job = _Job(images, self._loop.create_future(), time.monotonic())
+        with self._cond:
+            if self._closing:
+                raise BatcherClosed("the gateway is shutting down")
+            self._queue.append(job)
+            self._queued_images += job.size
+            self._cond.notify()
+        return job.future
 
-    # -- worker ----------------------------------------------------------------------------------
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def submit(self, images: torch.Tensor) -> BatchOutcome:
+        return await self.enqueue(images)
+
+    # -- inference thread ------------------------------------------------------------------------
+    def _run(self) -> None:
         while True:
-            if not self._queue:
-                if self._closing:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:  # closing, and nothing left
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._gather(loop)
-            parts = self._take()
-            if not parts:
-                continue
-            chunks = [job.images[start:stop] for job, start, stop in parts]
-            try:
-                outcome = await loop.run_in_executor(self._executor, self._predict_chunks, chunks)
-            except Exception as exc:  # a model failure fails the requests in this batch, not the worker
-                log.exception("inference failed for a batch of %d images", sum(len(c) for c in chunks))
-                for job, _, _ in parts:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            self._unbatch(parts, outcome)
+                self._gather()
+                parts = self._take()
+            if parts:
+                self._process(parts)
 
-    async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Wait (bounded by max wait) while the batch has room and more requests are on their way."""
+    def _gather(self) -> None:
+        """With the lock held: wait (bounded) while the batch has room and requests are on their way."""
         deadline = self._queue[0].enqueued + self.max_wait_s
         while self._queued_images < self.max_batch_size and self._incoming > 0 and not self._closing:
-            timeout = deadline - loop.time()
-            if timeout <= 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except asyncio.TimeoutError:
-                return
+            self._cond.wait(remaining)
 
     def _take(self) -> list[_Part]:
-        """Pop up to ``max_batch_size`` images off the queue, splitting a job that does not fit."""
+        """With the lock held: pop up to ``max_batch_size`` images, splitting a job that does not fit."""
         parts: list[_Part] = []
         room = self.max_batch_size
         while room and self._queue:
@@ -171,10 +162,18 @@ class MicroBatcher:
                 self._queue.popleft()
         return parts
 
-    def _predict_chunks(self, chunks: list[torch.Tensor]) -> BatchOutcome:
-        batch = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        return self.predict(batch)
+    def _process(self, parts: list[_Part]) -> None:
+        assert self._loop is not None
+        chunks = [job.images[start:stop] for job, start, stop in parts]
+        try:
+            outcome = self.predict(chunks[0] if len(chunks) == 1 else torch.cat(chunks))
+        except Exception as exc:  # a model failure fails the requests in this batch, not the thread
+            log.exception("inference failed for a batch of %d images", sum(len(c) for c in chunks))
+            self._loop.call_soon_threadsafe(self._fail, parts, exc)
+            return
+        self._loop.call_soon_threadsafe(self._unbatch, parts, outcome)
 
+    # -- results (event loop) --------------------------------------------------------------------
     @staticmethod
     def _unbatch(parts: list[_Part], outcome: BatchOutcome) -> None:
         offset = 0
@@ -188,3 +187,9 @@ class MicroBatcher:
             job.finished += n
             if job.finished == job.size:
                 job.future.set_result(BatchOutcome.concat(job.pieces))
+
+    @staticmethod
+    def _fail(parts: list[_Part], exc: Exception) -> None:
+        for job, _, _ in parts:
+            if not job.future.done():
+                job.future.set_exception(exc)

@@ -87,10 +87,9 @@ class Runtime:
         self._warmup_task = asyncio.create_task(self._warm(predictor), name="bna-warmup")
 
     async def _warm(self, predictor: Predictor) -> None:
-        assert self.batcher is not None
         sizes = self.settings.warmup_batch_sizes()
         try:
-            await self.batcher.run_in_executor(lambda: predictor.warmup(sizes))
+            await asyncio.to_thread(predictor.warmup, sizes)
         except Exception:
             log.exception("warm-up failed; the gateway will not become ready")
             self.state = State.FAILED

@@ -1,4 +1,8 @@
-"""FastAPI dependencies as ``Annotated`` aliases: the runtime, readiness, and the optional bearer token."""
+"""FastAPI dependencies as ``Annotated`` aliases: the runtime, readiness, and the optional bearer token.
+
+All are ``async def``: FastAPI would run plain ``def`` dependencies in its thread pool, a thread hop
+per dependency per request that competes with the inference thread for the GIL.
+"""
 from __future__ import annotations
 
 import secrets
@@ -12,14 +16,14 @@ from service.runtime import Runtime
 _bearer = HTTPBearer(auto_error=False, description="required only when BNA_API_KEY is set")
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def require_ready(runtime: RuntimeDep) -> Runtime:
+async def require_ready(runtime: RuntimeDep) -> Runtime:
     """503 (with Retry-After) until the bundle is loaded and warmed, and again while draining."""
     if not runtime.ready:
         raise HTTPException(
@@ -33,7 +37,7 @@ def require_ready(runtime: RuntimeDep) -> Runtime:
 ReadyRuntime = Annotated[Runtime, Depends(require_ready)]
 
 
-def require_api_key(
+async def require_api_key(
     runtime: RuntimeDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
