@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--divergence", choices=["tv", "js", "kl"], default="tv")
     p.add_argument("--steps", dest="steps_bna", type=int, default=None,
                    help="BNA full-set Adam steps (default 60)")
+    p.add_argument("--detect-steps", dest="detect_steps", type=int, default=None,
+                   help="detection's optimisation steps per pair (as 'bna detect --steps')")
     p.add_argument("--out", required=True, help="bundle directory to write")
     _add_byo(p)
     _add_common(p)
@@ -120,8 +122,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as exc:
         if getattr(args, "verbose", False):
             raise
-        print(f"bna {args.command}: error: {exc}", file=sys.stderr)
+        print(f"bna {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error for the user; a pydantic validation error becomes its messages on one line."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -56,8 +56,9 @@ def _detection_config(args: argparse.Namespace):  # noqa: ANN202
     from mitigation.detection.reverse import ReverseConfig
 
     pair = ReverseConfig(seed=args.seed, progress=not args.quiet)
-    if getattr(args, "steps", None):
-        pair.steps = args.steps
+    steps = getattr(args, "detect_steps", None) or getattr(args, "steps", None)  # mitigate / detect
+    if steps:
+        pair.steps = steps
     return DetectionConfig(trigger_type=args.trigger_type, threshold=args.threshold, pair=pair)
 
 
