@@ -137,13 +137,16 @@ def bare_model(bundle_dir: Path, samples: dict[str, list[bytes]], batch: int, se
     xt = decode_batch(samples["triggered"], shape, batch)  # type: ignore[arg-type]
     one = x[:1]
 
+    cpu_ms_per_image: dict[str, float] = {}
+
     def rate(fn, arg: torch.Tensor) -> float:  # type: ignore[no-untyped-def]
         for _ in range(3):
             fn(arg)
-        n, start = 0, time.perf_counter()
+        n, start, cpu = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds:
             fn(arg)
             n += 1
+        cpu_ms_per_image[fn.__class__.__name__] = (time.process_time() - cpu) * 1000 / (n * len(arg))
         return n * len(arg) / (time.perf_counter() - start)
 
     single = []
@@ -154,12 +157,24 @@ def bare_model(bundle_dir: Path, samples: dict[str, list[bytes]], batch: int, se
         t = time.perf_counter()
         f(one)
         single.append(time.perf_counter() - t)
+    images_per_s = rate(f, x)
+    routed = rate(bundle.router, xt)
     return {
-        "images_per_s": rate(f, x),
-        "routed_triggered_images_per_s": rate(bundle.router, xt),
+        "images_per_s": images_per_s,
+        "cpu_ms_per_image": cpu_ms_per_image[type(f).__name__],
+        "routed_triggered_images_per_s": routed,
         "single_image_forward_ms": statistics.median(single) * 1000,
         "batch": batch,
     }
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # -- load generator --------------------------------------------------------------------------------
@@ -178,6 +193,7 @@ class Cell:
     p50_ms: float
     p99_ms: float
     flagged_fraction: float | None = None
+    server_cpu_ms_per_image: float | None = None
     x_bare: float | None = None
     x_naive: float | None = None
 
@@ -227,7 +243,7 @@ class RawConnection:
 
 
 async def _drive(url: str, bodies: list[bytes], concurrency: int, warmup: float, seconds: float,
-                 tool: str) -> tuple[list[float], int, float, bytes]:
+                 tool: str, server_pid: int | None) -> tuple[list[float], int, float, bytes, float | None]:
     parsed = httpx.URL(url)
     content_type = f"multipart/form-data; boundary={BOUNDARY}"
     latencies: list[float] = []
@@ -265,14 +281,23 @@ async def _drive(url: str, bodies: list[bytes], concurrency: int, warmup: float,
             finally:
                 await conn.close()
 
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return latencies, errors, seconds, sample_body
+        cpu: list[float | None] = []
+
+        async def cpu_at_window_edges() -> None:
+            for edge in (measure_from, stop):
+                await asyncio.sleep(max(0.0, edge - time.perf_counter()))
+                cpu.append(process_cpu_seconds(server_pid) if server_pid else None)
+
+        await asyncio.gather(cpu_at_window_edges(), *(worker(k) for k in range(concurrency)))
+    server_cpu = cpu[1] - cpu[0] if len(cpu) == 2 and None not in cpu else None  # type: ignore[operator]
+    return latencies, errors, seconds, sample_body, server_cpu
 
 
 def measure(system: str, url: str, traffic: str, images: list[bytes], per_request: int, concurrency: int,
-            warmup: float, seconds: float, tool: str = "raw") -> Cell:
+            warmup: float, seconds: float, tool: str = "raw", server_pid: int | None = None) -> Cell:
     bodies = multipart_bodies(images, per_request)
-    latencies, errors, window, body = asyncio.run(_drive(url, bodies, concurrency, warmup, seconds, tool))
+    latencies, errors, window, body, server_cpu = asyncio.run(
+        _drive(url, bodies, concurrency, warmup, seconds, tool, server_pid))
     n = len(latencies)
     ms = sorted(x * 1000 for x in latencies) or [float("nan")]
     flagged = None
@@ -282,6 +307,7 @@ def measure(system: str, url: str, traffic: str, images: list[bytes], per_reques
     cell = Cell(
         system, traffic, per_request, concurrency, n, errors, window, n / window, n * per_request / window,
         ms[len(ms) // 2], ms[min(len(ms) - 1, int(0.99 * len(ms)))], flagged,
+        server_cpu * 1000 / (n * per_request) if server_cpu is not None and n else None,
     )
     log.info("%-7s %-9s %2d img/req c=%-2d  %7.1f req/s %8.1f img/s  p50 %6.1f ms  p99 %6.1f ms  errors %d",
              system, traffic, per_request, concurrency, cell.requests_per_s, cell.images_per_s, cell.p50_ms,
@@ -368,7 +394,7 @@ def main() -> None:
         for per_request in per_requests:
             for conc in concurrencies:
                 cells.append(measure("naive", f"http://127.0.0.1:{port}/predict", "clean", samples["clean"],
-                                     per_request, conc, args.warmup, args.seconds, args.load_tool))
+                                     per_request, conc, args.warmup, args.seconds, args.load_tool, naive.pid))
     finally:
         stop(naive)
 
@@ -385,7 +411,8 @@ def main() -> None:
             for per_request in per_requests:
                 for conc in concurrencies:
                     cells.append(measure("gateway", f"http://127.0.0.1:{port}/classify", traffic, samples[traffic],
-                                         per_request, conc, args.warmup, args.seconds, args.load_tool))
+                                         per_request, conc, args.warmup, args.seconds, args.load_tool,
+                                         gateway.pid))
     finally:
         stop(gateway)
 
@@ -421,15 +448,19 @@ def main() -> None:
           f"torch {torch.__version__}, {args.threads} torch thread(s), {os.cpu_count()} CPUs, "
           f"{args.seconds:g} s per cell after {args.warmup:g} s warm-up")
     print(f"(a) bare f, batch {args.max_batch}: {bare['images_per_s']:.0f} img/s; f + twin on triggered batch: "
-          f"{bare['routed_triggered_images_per_s']:.0f} img/s; single-image forward {bare['single_image_forward_ms']:.2f} ms\n")
-    header = f"{'system':8s} {'traffic':9s} {'img/req':>7s} {'conc':>4s} {'req/s':>8s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'x bare':>7s} {'x naive':>7s} {'flagged':>7s} {'errors':>6s}"
+          f"{bare['routed_triggered_images_per_s']:.0f} img/s; single-image forward {bare['single_image_forward_ms']:.2f} ms; "
+          f"{bare['cpu_ms_per_image']:.2f} CPU ms per image at batch {args.max_batch}")
+    print("cpu ms/img: the server process's CPU time per image answered (all its threads), a figure that other "
+          "load on the machine does not inflate the way it does wall-clock rates\n")
+    header = f"{'system':8s} {'traffic':9s} {'img/req':>7s} {'conc':>4s} {'req/s':>8s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'x bare':>7s} {'x naive':>7s} {'flagged':>7s} {'cpu ms/img':>10s} {'errors':>6s}"
     print(header)
     print("-" * len(header))
     for c in cells:
         naive_ratio = f"{c.x_naive:.2f}" if c.x_naive is not None else "-"
         flagged = f"{c.flagged_fraction:.2f}" if c.flagged_fraction is not None else "-"
+        cpu = f"{c.server_cpu_ms_per_image:.2f}" if c.server_cpu_ms_per_image is not None else "-"
         print(f"{c.system:8s} {c.traffic:9s} {c.images_per_request:7d} {c.concurrency:4d} {c.requests_per_s:8.1f} "
-              f"{c.images_per_s:8.1f} {c.p50_ms:8.1f} {c.p99_ms:8.1f} {c.x_bare:7.2f} {naive_ratio:>7s} {flagged:>7s} {c.errors:6d}")
+              f"{c.images_per_s:8.1f} {c.p50_ms:8.1f} {c.p99_ms:8.1f} {c.x_bare:7.2f} {naive_ratio:>7s} {flagged:>7s} {cpu:>10s} {c.errors:6d}")
     print()
     for chk in checks:
         print(f"[{'PASS' if chk['pass'] else 'FAIL'}] {chk['check']}: {chk['value']} (target {chk['target']})")

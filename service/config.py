@@ -36,6 +36,16 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1' ...")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own choice)")
+    gil_switch_interval_ms: float = Field(
+        0.5,
+        gt=0.0,
+        le=100.0,
+        description=(
+            "sys.setswitchinterval for the gateway process. The inference thread needs the GIL for a moment "
+            "between tensor ops; with Python's default 5 ms it can wait that long behind the event loop at "
+            "every op, so the default here is 0.5 ms"
+        ),
+    )
 
     max_batch_size: int = Field(64, ge=1, le=4096, description="largest batch given to the model")
     max_batch_wait_ms: float = Field(

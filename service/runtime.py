@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import sys
 
 import torch
 
@@ -58,6 +59,7 @@ class Runtime:
         if s.bundle is None:
             raise RuntimeError("no bundle to serve: pass BUNDLE to 'bna serve' or set BNA_BUNDLE")
         configure_pillow(s.max_image_pixels)
+        sys.setswitchinterval(s.gil_switch_interval_ms / 1000.0)
         if s.torch_threads is not None:
             torch.set_num_threads(s.torch_threads)
         torch.backends.cudnn.benchmark = False  # no per-shape autotuning at request time
