@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ReverseConfig:
-    steps: int = 150
-    images_per_group: int = 4
+    steps: int = 300
+    images_per_group: int = 6
     lr_patch: float = 0.1
     lr_perturbation: float = 0.02
     init_lambda: float = 0.05
