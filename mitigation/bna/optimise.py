@@ -38,10 +38,11 @@ class BNAConfig:
     bin_width: float = 0.1
     tau: float = 150.0
     steps: int = 60
-    lr: float = 0.01
+    lr: float = 0.03  # full-set steps, fewer than the paper's 10 mini-batch epochs at 0.01: a larger step (measured)
     include_target_clean: bool = True  # clean target-class images in both sets keep their features intact
     layer_weighting: bool = True  # weight each layer by its divergence before fitting
     chunk: int = 512  # images per forward pass
+    grid: int | None = 7  # histogram over a fixed ~7x7 grid of positions per feature map (None: all)
     margin_quantile: float = 0.9  # serving threshold: this quantile of clean target images' twin margin
     progress: bool = True
 
@@ -63,7 +64,7 @@ def _layer_histograms(model: nn.Module, x: torch.Tensor, bins: dict[str, BinSpec
     totals: dict[str, torch.Tensor] = {}
 
     def sink(name: str, out: torch.Tensor) -> None:
-        a = channel_view(out)
+        a = channel_view(out, cfg.grid)
         h = soft_histogram(a, bins[name], widths[name], cfg.tau) if soft else hard_histogram(a, bins[name], widths[name])
         totals[name] = totals[name] + h if name in totals else h
 
@@ -78,7 +79,7 @@ def _clean_reference(model: nn.Module, x: torch.Tensor, cfg: BNAConfig) -> tuple
     hi: dict[str, torch.Tensor] = {}
 
     def sink(name: str, out: torch.Tensor) -> None:
-        a = channel_view(out)
+        a = channel_view(out, cfg.grid)
         lo[name] = torch.minimum(lo[name], a.min(1).values) if name in lo else a.min(1).values
         hi[name] = torch.maximum(hi[name], a.max(1).values) if name in hi else a.max(1).values
 
@@ -95,11 +96,23 @@ def _per_layer(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor], kind
     return {n: float(divergence(ref[n], cand[n], kind).mean()) for n in ref}
 
 
-def fit_twin(model: nn.Module, target: int, x: torch.Tensor, y: torch.Tensor, sources: list[int], trigger: Trigger,
-             cfg: BNAConfig | None = None, bn_prefix: str = "net.") -> TwinFit:
+def embed_round_robin(src: torch.Tensor, triggers: list[Trigger], chunk: int) -> torch.Tensor:
+    """Image ``i`` gets ``triggers[i % len(triggers)]`` (e.g. one estimate at several strengths)."""
+    out = torch.empty_like(src)
+    with torch.no_grad():
+        for k, trig in enumerate(triggers):
+            idx = torch.arange(k, len(src), len(triggers), device=src.device)
+            for i in range(0, len(idx), chunk):
+                out[idx[i : i + chunk]] = trig(src[idx[i : i + chunk]])
+    return out
+
+
+def fit_twin(model: nn.Module, target: int, x: torch.Tensor, y: torch.Tensor, sources: list[int],
+             trigger: Trigger | list[Trigger], cfg: BNAConfig | None = None, bn_prefix: str = "net.") -> TwinFit:
     """Fit ``g(.|Theta_target)`` for ``model`` (a ``Classifier``; images in [0, 1]).
 
-    ``x, y``: the defender's clean set; ``sources``: S(target); ``trigger``: the estimated trigger.
+    ``x, y``: the defender's clean set; ``sources``: S(target); ``trigger``: the estimated trigger, or
+    several variants of it (applied round-robin to the source images).
     """
     cfg = cfg or BNAConfig()
     t0 = time.perf_counter()
@@ -107,11 +120,10 @@ def fit_twin(model: nn.Module, target: int, x: torch.Tensor, y: torch.Tensor, so
     for p in model.parameters():
         p.requires_grad_(False)
     device = x.device
-    trigger = trigger.to(device)
+    triggers = [t.to(device) for t in (trigger if isinstance(trigger, list) else [trigger])]
     src = x[torch.isin(y, torch.tensor(sources, device=y.device))]
     tgt = x[y == target]
-    with torch.no_grad():
-        trig = torch.cat([trigger(src[i : i + cfg.chunk]) for i in range(0, len(src), cfg.chunk)])
+    trig = embed_round_robin(src, triggers, cfg.chunk)
     ref_x = torch.cat([src, tgt]) if cfg.include_target_clean else src
     cand_x = torch.cat([trig, tgt]) if cfg.include_target_clean else trig
 
@@ -147,13 +159,13 @@ def fit_twin(model: nn.Module, target: int, x: torch.Tensor, y: torch.Tensor, so
             stats = current()
 
             def sink(name: str, out: torch.Tensor) -> None:
-                hists[name] = soft_histogram(channel_view(out), bins[name], widths[name], cfg.tau)
+                hists[name] = soft_histogram(channel_view(out, cfg.grid), bins[name], widths[name], cfg.tau)
 
             with capture_bn_outputs(model, sink, stats):
                 model(cand_x)
             loss = loss_of(hists)
             loss.backward()
-            value = float(loss)
+            value = float(loss.detach())
         else:  # exact full-set gradient in two passes: totals first, then d loss / d histogram per chunk
             with torch.no_grad():
                 totals = _layer_histograms(model, cand_x, bins, widths, cfg, current())
@@ -166,7 +178,7 @@ def fit_twin(model: nn.Module, target: int, x: torch.Tensor, y: torch.Tensor, so
                 stats = current()
 
                 def chunk_sink(name: str, out: torch.Tensor) -> None:
-                    h = soft_histogram(channel_view(out), bins[name], widths[name], cfg.tau)
+                    h = soft_histogram(channel_view(out, cfg.grid), bins[name], widths[name], cfg.tau)
                     parts.append((grads[name] * h).sum())
 
                 with capture_bn_outputs(model, chunk_sink, stats):

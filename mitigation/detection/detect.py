@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mitigation.attacks import Trigger
+from mitigation.attacks import Additive, Trigger
 from mitigation.detection.mad import mad_scores
 from mitigation.detection.reverse import ReverseConfig, ReverseResult, reverse_engineer, success_rate, group_index
 from mitigation.detection.triggers import FAMILIES, PairTriggers
@@ -60,6 +60,14 @@ class TargetTrigger:
 
     def module(self) -> Trigger:
         return PairTriggers.export(self.family, {k: v.unsqueeze(0) for k, v in self.tensors.items()}, 0)
+
+    def variants(self, scales: tuple[float, ...] = (1.0, 2.0, 4.0)) -> list[Trigger]:
+        """What the twin is fitted on. A patch estimate as it is. A perturbation estimate is by
+        construction the *weakest* version of the trigger, and a twin only neutralises triggers up to
+        the strength it was fitted on, so it is used at several strengths."""
+        if self.family == "patch":
+            return [self.module()]
+        return [Additive(self.tensors["delta"] * s) for s in scales]
 
 
 @dataclass

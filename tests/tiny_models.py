@@ -1,0 +1,76 @@
+"""Tiny trained classifiers shared by the detection and BNA tests (trained once per test process).
+
+A width-8 ResNet-18 (1x16x16 input, 4 classes) trained on ``make_synthetic`` -- poisoned with a 3x3
+BadNet patch towards class ``TARGET``, or clean -- in a few seconds on one CPU thread.
+"""
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from mitigation.attacks import AttackSpec, Trigger, build_trigger
+from mitigation.datasets import Dataset, make_synthetic
+from mitigation.metrics import AttackMetrics
+from mitigation.training import TrainConfig, train_classifier
+from models.network import Classifier, build_classifier
+from models.spec import InputSpec, ModelSpec
+
+TARGET = 2
+NUM_CLASSES = 6
+SIZE = 16
+SPEC = ModelSpec(
+    arch="resnet18",
+    arch_kwargs={"num_classes": NUM_CLASSES, "in_channels": 1, "width": 8},
+    input=InputSpec(shape=(1, SIZE, SIZE), mean=(0.2,), std=(0.3,)),
+    class_names=[f"class{c}" for c in range(NUM_CLASSES)],
+)
+BADNET = AttackSpec(kind="badnet", target=TARGET, poison_rate=0.2, params={"patch_size": 3})
+CLEAN = AttackSpec(kind="none")
+TRAIN = TrainConfig(epochs=10, batch_size=16, lr=0.05, progress=False)
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    classifier: Classifier
+    data: Dataset
+    attack: AttackSpec
+    trigger: Trigger  # the attack's true trigger (identity for a clean model)
+    metrics: AttackMetrics
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models on a small shared machine: one torch thread is much faster than the default pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@functools.cache
+def _train(attack_json: str, seed: int) -> TinyModel:
+    attack = AttackSpec.model_validate_json(attack_json)
+    data = make_synthetic(num_classes=NUM_CLASSES, per_class=60, size=SIZE)
+    with one_thread():
+        torch.manual_seed(seed)
+        clf = build_classifier(SPEC)
+        cfg = TrainConfig(**{**TRAIN.__dict__, "seed": seed})
+        clf, metrics, _ = train_classifier(clf, data, attack, cfg)
+    clf.eval()
+    return TinyModel(clf, data, attack, build_trigger(attack, tuple(SPEC.input.shape)), metrics)
+
+
+def backdoored(seed: int = 0) -> TinyModel:
+    """The BadNet-poisoned model (cached: every caller gets the same object; do not modify it)."""
+    return _train(BADNET.model_dump_json(), seed)
+
+
+def clean(seed: int = 0) -> TinyModel:
+    """The same model and training, without poisoning (cached)."""
+    return _train(CLEAN.model_dump_json(), seed)
