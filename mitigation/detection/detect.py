@@ -26,6 +26,10 @@ class DetectionConfig:
     reestimate_images: int = 24
     joint_ratio: float = 2.0  # A2A false-pair test: joint trigger this much larger than the smallest alone
     binarise_fraction: float = 0.1  # patch estimate: mask -> 1 where it exceeds this fraction of its max
+    # a class joins S(t) when t's re-estimated trigger sends at least this fraction of its clean images
+    # to t (None: off). An all-to-one backdoor's trigger works on every class, also on the sources whose
+    # pair stayed under the threshold; a natural or all-to-all pair's trigger does not transfer.
+    expand_sources: float | None = 0.5
 
 
 @dataclass
@@ -79,6 +83,7 @@ class DetectionResult:
     seconds: float
     timings: dict[str, float]
     eliminated: list[dict[str, Any]] = field(default_factory=list)
+    added_sources: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def detected_targets(self) -> list[int]:
@@ -100,6 +105,7 @@ class DetectionResult:
                 for t, tr in sorted(self.triggers.items())
             },
             "eliminated_pairs": self.eliminated,
+            "added_sources": self.added_sources,
             "seconds": round(self.seconds, 2),
             "timings": {k: round(v, 2) for k, v in self.timings.items()},
         }
@@ -165,13 +171,34 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
             flagged.setdefault(r.target, []).append(r)
     t = time.perf_counter()
     triggers, eliminated = _estimate_targets(model, x, y, flagged, cfg)
+    added = _expand_sources(model, x, y, triggers, num_classes, cfg) if cfg.expand_sources is not None else []
     timings["reestimate"] = time.perf_counter() - t
     for e in eliminated:
         for r in records:
             if r.source == e["source"] and r.target == e["target"]:
                 r.flagged = False
     return DetectionResult(records, cfg.threshold, cfg.trigger_type, triggers, time.perf_counter() - t0, timings,
-                           eliminated)
+                           eliminated, added)
+
+
+def _expand_sources(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: dict[int, TargetTrigger],
+                    num_classes: int, cfg: DetectionConfig) -> list[dict[str, Any]]:
+    """Add to S(t) every other class on which t's trigger succeeds (batched over classes; few targets)."""
+    added: list[dict[str, Any]] = []
+    present = set(y.unique().tolist())
+    for t, trig in sorted(triggers.items()):
+        others = [c for c in range(num_classes) if c != t and c not in trig.sources and c in present]
+        if not others:
+            continue
+        index = group_index(y.cpu(), [[c] for c in others])
+        tensors = {k: v.unsqueeze(0).expand(len(others), *v.shape).to(x.device) for k, v in trig.tensors.items()}
+        asr = success_rate(model, x, index, torch.full((len(others),), t), trig.family, tensors, cfg.pair)
+        for c, a in zip(others, asr.tolist()):
+            if a >= cfg.expand_sources:
+                added.append({"source": c, "target": t, "asr": round(a, 4)})
+                log.info("target %d: its trigger also sends %.0f%% of class %d to it: source added", t, 100 * a, c)
+        trig.sources = sorted(trig.sources + [e["source"] for e in added if e["target"] == t])
+    return added
 
 
 def _family_of(recs: list[PairRecord]) -> str:

@@ -1,0 +1,219 @@
+"""BNA: soft histograms, divergences, the twin fit and the routing rule.
+
+The twin is fitted on a tiny BadNet-poisoned model (``tests/tiny_models.py``) with the attack's true
+trigger, so these tests judge the BNA step alone, independently of how well detection estimated it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tiny_models as tm
+from mitigation.attacks import Additive
+from mitigation.bna.histogram import BinSpec, divergence, hard_histogram, soft_histogram
+from mitigation.bna.optimise import BNAConfig, TwinFit, embed_round_robin, fit_twin
+from mitigation.bna.stats import channel_view
+from mitigation.detection.detect import TargetTrigger
+from models.network import bn_layers
+from models.twins import TwinRouter, TwinStats
+
+FIT = BNAConfig(steps=30, progress=False)
+
+
+# ---------------------------------------------------------------- histograms and divergences
+def _bins(a: torch.Tensor, width: float = 0.1) -> tuple[BinSpec, torch.Tensor]:
+    lo, hi = a.min(1).values, a.max(1).values
+    bins = BinSpec.from_range(lo, hi, width)
+    return bins, bins.widths(hi - lo)
+
+
+def test_soft_histogram_matches_the_hard_one_and_keeps_every_value() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4000, generator=g) * torch.tensor([[0.5], [1.0], [2.0], [3.0], [0.2]])
+    bins, w = _bins(a)
+    hard = hard_histogram(a, bins, w)
+    soft = soft_histogram(a, bins, w, tau=150.0)
+    assert soft.shape == hard.shape == (5, bins.max_bins)
+    assert torch.allclose(soft.sum(1), torch.full((5,), 4000.0), atol=1e-2)  # open end bins: nothing is lost
+    # tau * w = 15: values within ~0.1 bin of an edge are shared with the neighbour, a few percent of the mass
+    assert float((soft - hard).abs().sum(1).max()) / 4000 < 0.06
+    # exactly the paper's dense definition: sigma(tau (a - e_j)) - sigma(tau (a - e_{j+1})), open end bins
+    for ch in range(5):
+        n = int(bins.nbins[ch])
+        edges = bins.lo[ch] + w[ch] * torch.arange(1, n)  # inner edges
+        ind = torch.sigmoid(150.0 * (a[ch].unsqueeze(1) - edges.unsqueeze(0)))  # [M, n-1]
+        upper = torch.cat([torch.ones(len(a[ch]), 1), ind], 1)
+        lower = torch.cat([ind, torch.zeros(len(a[ch]), 1)], 1)
+        dense = (upper - lower).sum(0)
+        assert torch.allclose(soft[ch, :n], dense, atol=2e-2, rtol=1e-3)
+    padded = torch.arange(bins.max_bins).unsqueeze(0) >= bins.nbins.unsqueeze(1)
+    assert float(soft[padded].abs().sum()) == 0 and float(hard[padded].sum()) == 0
+
+
+def test_values_outside_the_clean_range_land_in_the_open_end_bins() -> None:
+    ref = torch.linspace(0, 1, 101).unsqueeze(0)
+    bins, w = _bins(ref)
+    h = soft_histogram(torch.tensor([[-5.0, 7.0]]), bins, w, 150.0)
+    n = int(bins.nbins[0])
+    assert float(h[0, 0]) == pytest.approx(1.0, abs=1e-4) and float(h[0, n - 1]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_soft_histogram_is_differentiable_where_values_sit_near_an_edge() -> None:
+    a = torch.tensor([[0.0, 0.3, 0.5, 1.0]])
+    bins, w = _bins(a)
+    x = torch.tensor([[0.199, 0.61]], requires_grad=True)  # just below the 0.2 edge, near 0.6
+    h = soft_histogram(x, bins, w, 150.0)
+    h[0, 2].backward()  # bin [0.2, 0.3): pushing the first value up moves mass into it
+    assert float(x.grad[0, 0]) > 1.0 and float(x.grad[0, 1]) == pytest.approx(0.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["tv", "js", "kl"])
+def test_divergences_are_zero_on_equal_histograms_and_grow_with_shift(kind: str) -> None:
+    p = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    near = torch.tensor([[1.5, 2.0, 3.0, 3.5]])
+    far = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert float(divergence(p, p * 7, kind)) == pytest.approx(0.0, abs=1e-6)  # counts are normalised
+    assert 0 < float(divergence(p, near, kind)) < float(divergence(p, far, kind))
+    if kind == "tv":
+        assert float(divergence(p, far, kind)) == pytest.approx(0.4)
+        assert float(divergence(torch.tensor([[1.0, 0]]), torch.tensor([[0, 1.0]]), kind)) == pytest.approx(1.0)
+
+
+def test_unknown_divergence_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="use tv, js or kl"):
+        divergence(torch.ones(1, 2), torch.ones(1, 2), "wasserstein")
+
+
+def test_channel_view_grid_keeps_the_same_positions_of_every_image() -> None:
+    out = torch.arange(2 * 3 * 28 * 28, dtype=torch.float32).reshape(2, 3, 28, 28)
+    full = channel_view(out)
+    assert full.shape == (3, 2 * 28 * 28)
+    sub = channel_view(out, grid=7)
+    assert sub.shape == (3, 2 * 7 * 7)
+    assert torch.equal(sub[1, :49], out[0, 1, 2::4, 2::4].reshape(-1))
+    assert torch.equal(sub[1, 49:], out[1, 1, 2::4, 2::4].reshape(-1))
+    assert channel_view(out[:, :, :3, :3], grid=7).shape == (3, 2 * 9)  # small maps: every position
+    flat = torch.randn(4, 6)  # BatchNorm1d output
+    assert torch.equal(channel_view(flat, grid=7), flat.t())
+
+
+# ---------------------------------------------------------------- trigger variants
+def test_round_robin_gives_image_i_the_trigger_i_mod_k() -> None:
+    x = torch.full((7, 1, 4, 4), 0.5)
+    trigs = [Additive(torch.full((1, 4, 4), d)) for d in (0.1, 0.2, 0.3)]
+    out = embed_round_robin(x, trigs, chunk=2)
+    assert [round(float(v), 3) for v in out[:, 0, 0, 0]] == [0.6, 0.7, 0.8, 0.6, 0.7, 0.8, 0.6]
+
+
+def test_perturbation_estimates_are_fitted_at_several_strengths() -> None:
+    delta = torch.full((1, 4, 4), 0.01)
+    pert = TargetTrigger(9, [1], "perturbation", {"delta": delta}, 1.0, 0.04, 9.0)
+    xs = torch.zeros(1, 1, 4, 4)
+    assert [round(float(v(xs).max()), 4) for v in pert.variants()] == [0.01, 0.02, 0.04]
+    patch = TargetTrigger(9, [1], "patch", {"mask": torch.ones(1, 4, 4), "pattern": torch.ones(1, 4, 4)}, 1, 16, 9)
+    assert len(patch.variants()) == 1
+
+
+# ---------------------------------------------------------------- the twin on a tiny backdoored model
+@pytest.fixture(scope="module")
+def fitted() -> tuple[tm.TinyModel, TwinFit]:
+    m = tm.backdoored()
+    x, y = m.data.clean.x, m.data.clean.y
+    sources = [c for c in range(tm.NUM_CLASSES) if c != tm.TARGET]
+    with tm.one_thread():
+        fit = fit_twin(m.classifier, tm.TARGET, x, y, sources, m.trigger, FIT)
+    return m, fit
+
+
+def test_twin_changes_only_batchnorm_statistics(fitted: tuple[tm.TinyModel, TwinFit]) -> None:
+    m, fit = fitted
+    layers = bn_layers(m.classifier.net)
+    assert set(fit.stats.running_mean) == set(layers) == set(fit.stats.running_var)
+    for name, bn in layers.items():
+        assert fit.stats.running_mean[name].shape == bn.running_mean.shape
+        assert bool((fit.stats.running_var[name] >= 0).all())
+    changed = sum(not torch.allclose(fit.stats.running_mean[n], bn.running_mean) for n, bn in layers.items())
+    assert changed >= len(layers) // 2
+    fresh = tm.backdoored()  # the cached model object: its own buffers must be the originals still
+    assert all(torch.equal(fresh.classifier.state_dict()[k], v) for k, v in m.classifier.state_dict().items())
+
+
+def test_twin_brings_triggered_activations_back_to_the_clean_ones(fitted: tuple[tm.TinyModel, TwinFit]) -> None:
+    _, fit = fitted
+    before, after = sum(fit.divergence_before.values()), sum(fit.divergence_after.values())
+    assert after < before
+    assert fit.loss_history and min(fit.loss_history) <= fit.loss_history[0]
+    assert fit.seconds > 0
+
+
+def test_routing_corrects_triggered_images_and_leaves_clean_ones(fitted: tuple[tm.TinyModel, TwinFit]) -> None:
+    m, fit = fitted
+    router = TwinRouter(m.classifier, [fit.stats])
+    tx, ty = m.data.test.x, m.data.test.y
+    src = ty != tm.TARGET
+    with tm.one_thread():
+        trig = router(m.trigger(tx[src]))
+        clean = router(tx)
+        f_clean = m.classifier(tx).argmax(1)
+    assert float((trig.original_label == tm.TARGET).float().mean()) >= 0.95  # the backdoor works on f
+    assert bool(trig.checked_by_twin.all())
+    assert float(trig.trigger_detected.float().mean()) >= 0.9  # TPR
+    assert float((trig.label == ty[src]).float().mean()) >= 0.9  # corrected to the true source class
+    f_acc = float((f_clean == ty).float().mean())
+    assert float((clean.label == ty).float().mean()) >= f_acc - 0.02
+    on_target = clean.original_label == tm.TARGET
+    assert bool(clean.checked_by_twin[on_target].all()) and not bool(clean.checked_by_twin[~on_target].any())
+    assert float(clean.trigger_detected.float().mean()) <= 0.1  # FPR
+    assert torch.equal(clean.label[~on_target], f_clean[~on_target])  # non-suspects: exactly f
+
+
+def test_flag_margin_is_the_calibrated_threshold(fitted: tuple[tm.TinyModel, TwinFit]) -> None:
+    m, fit = fitted
+    strict = TwinStats(fit.stats.target, fit.stats.running_mean, fit.stats.running_var, 2.0, fit.stats.sources)
+    out = TwinRouter(m.classifier, [strict])(m.trigger(m.data.test.x[:20]))
+    assert not bool(out.trigger_detected.any())  # a margin can never exceed 1: nothing is flagged
+    assert torch.equal(out.label, out.original_label)
+
+
+def test_a_router_without_twins_is_exactly_f() -> None:
+    m = tm.clean()
+    router = TwinRouter(m.classifier, [])
+    x = m.data.test.x
+    with torch.no_grad():
+        probs = m.classifier(x).softmax(1)
+    out = router(x)
+    assert torch.equal(out.label, probs.argmax(1)) and torch.equal(out.confidence, probs.max(1).values)
+    assert not bool(out.checked_by_twin.any()) and not bool(out.trigger_detected.any())
+
+
+def test_a_twin_naming_unknown_layers_is_refused() -> None:
+    m = tm.clean()
+    bad = TwinStats(0, {"nope": torch.zeros(3)}, {"nope": torch.ones(3)})
+    with pytest.raises(ValueError, match="names BN layers the model lacks"):
+        TwinRouter(m.classifier, [bad])
+
+
+def test_twin_on_a_model_with_its_own_layer_names() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.features(x))
+
+    torch.manual_seed(0)
+    net = Odd().train()
+    x = torch.rand(90, 1, 8, 8)
+    y = torch.arange(3).repeat(30)
+    with torch.no_grad():
+        net(x)  # give the BN layers data statistics
+    net.eval()
+    assert set(bn_layers(net)) == {"features.1", "head.2"}
+    trigger = Additive(torch.full((1, 8, 8), 0.3))
+    fit = fit_twin(net, 0, x, y, [1, 2], trigger, BNAConfig(steps=5, progress=False), bn_prefix="")
+    assert set(fit.stats.running_mean) == {"features.1", "head.2"}
+    out = TwinRouter(net, [fit.stats], bn_prefix="")(trigger(x))
+    assert len(out) == 90

@@ -1,0 +1,287 @@
+"""Detection: MAD, the batched pair optimisation, the flagging logic, and detection.json.
+
+Two kinds of test:
+- the orchestration (which pairs are flagged, targets, sources, all-to-all false-pair elimination,
+  each family against its own median) on planted trigger sizes, with the optimiser replaced by a table,
+  so every branch is exercised exactly and quickly;
+- the real optimiser on a tiny trained model (``tests/tiny_models.py``): every kept trigger really
+  reaches the success threshold, chunking keeps the results, runs are deterministic, and
+  ``bna detect``'s files read back.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_models as tm
+from mitigation.detection import detect as detect_mod
+from mitigation.detection.detect import DetectionConfig, TargetTrigger, all_pairs, detect_backdoor
+from mitigation.detection.io import read_triggers, scores_table, write_detection
+from mitigation.detection.mad import MAD_CONSISTENCY, mad_scores
+from mitigation.detection.reverse import ReverseConfig, ReverseResult, group_index, reverse_engineer, success_rate
+from mitigation.detection.triggers import PairTriggers
+
+FAST = ReverseConfig(steps=40, images_per_group=4, progress=False)
+
+
+# ---------------------------------------------------------------- MAD
+def test_mad_scores_match_the_formula() -> None:
+    stat = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0])
+    med, mad = 3.0, 1.0 * MAD_CONSISTENCY  # |x - 3| = 2, 1, 0, 1, 97 -> median 1
+    expected = (stat - med) / mad
+    assert torch.allclose(mad_scores(stat), expected)
+
+
+def test_mad_is_one_sided_and_ignores_missing_triggers() -> None:
+    stat = torch.tensor([1.0, 1.1, 0.9, 1.05, 0.95, 0.01, 50.0, 0.0])
+    stat[-1] = float("inf")  # pretend: no trigger found for this pair -> statistic undefined
+    s = mad_scores(torch.where(torch.isinf(stat), torch.tensor(float("nan")), stat))
+    assert s[6] > 7  # a very small trigger (large 1/size) is anomalous
+    assert s[5] < 0  # a very large trigger is not suspicious: negative score, never flagged
+    assert s[7] == 0  # undefined statistic: score 0, and it did not move the median
+    assert float(mad_scores(torch.tensor([1.0, 2.0])).abs().sum()) == 0  # too few values for a MAD
+
+
+def test_mad_of_identical_statistics_is_finite() -> None:
+    s = mad_scores(torch.full((12,), 0.5))
+    assert torch.isfinite(s).all() and float(s.abs().max()) == 0
+
+
+# ---------------------------------------------------------------- groups of images
+def test_group_index_pools_and_cycles_each_groups_images() -> None:
+    y = torch.tensor([0, 0, 0, 1, 2, 2])
+    idx = group_index(y, [[0], [1], [1, 2]])
+    assert idx.shape == (3, 3)
+    assert set(idx[0].tolist()) == {0, 1, 2}
+    assert idx[1].tolist() == [3, 3, 3]
+    assert set(idx[2].tolist()) == {3, 4, 5}
+    with pytest.raises(ValueError, match=r"no clean images for source classes \[\[3\]\]"):
+        group_index(y, [[0], [3]])
+
+
+def test_all_pairs_are_ordered_and_complete() -> None:
+    pairs = all_pairs(10)
+    assert len(pairs) == 90 == len(set(pairs)) and all(s != t for s, t in pairs)
+
+
+# ---------------------------------------------------------------- orchestration on planted sizes
+class PlantedOptimiser:
+    """Stands in for ``reverse_engineer``: the trigger size of each (sources -> target) comes from a table."""
+
+    def __init__(self, single: dict[str, dict[tuple[int, int], float]], joint: dict[tuple[tuple[int, ...], int], float],
+                 default: float = 1.0) -> None:
+        self.single, self.joint, self.default = single, joint, default
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, model, x, y, groups, targets, family, cfg, desc=""):  # noqa: ANN001, ANN204
+        self.calls.append((family, len(groups)))
+        sizes = []
+        for g, t in zip(groups, targets):
+            if len(g) == 1:
+                sizes.append(self.single.get(family, {}).get((g[0], t), self.default))
+            else:
+                sizes.append(self.joint.get((tuple(sorted(g)), t), min(self.single[family][(s, t)] for s in g)))
+        n = len(groups)
+        tensors = {"delta": torch.zeros(n, *x.shape[1:])} if family == "perturbation" else \
+            {"mask": torch.zeros(n, 1, *x.shape[2:]), "pattern": torch.zeros(n, *x.shape[1:])}
+        return ReverseResult(family, torch.tensor(sizes), torch.ones(n), tensors)
+
+
+def _jitter(pairs: list[tuple[int, int]], base: float, seed: int) -> dict[tuple[int, int], float]:
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(len(pairs), generator=g) * 0.4 - 0.2
+    return {p: base * (1 + float(n)) for p, n in zip(pairs, noise)}
+
+
+@pytest.fixture
+def run_planted(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    k = 10
+    x = torch.rand(k * 3, 1, 8, 8)
+    y = torch.arange(k).repeat_interleave(3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, k))
+
+    def run(single: dict[str, dict], joint: dict | None = None, trigger_type: str = "perturbation"):  # noqa: ANN202
+        fake = PlantedOptimiser(single, joint or {})
+        monkeypatch.setattr(detect_mod, "reverse_engineer", fake)
+        # source expansion runs the real model on the planted (zero) triggers: tested on its own below
+        cfg = DetectionConfig(trigger_type=trigger_type, expand_sources=None)
+        return detect_backdoor(model, x, y, k, cfg), fake
+
+    return run
+
+
+def test_planted_all_to_one_backdoor_gives_its_target_and_every_source(run_planted) -> None:  # noqa: ANN001
+    sizes = _jitter(all_pairs(10), 1.0, 0)
+    for s in range(9):
+        sizes[(s, 9)] = 0.2 + 0.01 * s
+    res, fake = run_planted({"perturbation": sizes})
+    assert res.detected_targets == [9]
+    assert res.sources == {9: list(range(9))}
+    flagged = {(p.source, p.target) for p in res.pairs if p.flagged}
+    assert flagged == {(s, 9) for s in range(9)}
+    assert all(p.score > 7 for p in res.pairs if p.flagged)
+    assert len(res.pairs) == 90 and not res.eliminated
+    assert fake.calls == [("perturbation", 90), ("perturbation", 1)]  # all pairs in one call; then one re-estimate
+
+
+def test_clean_model_flags_nothing_and_skips_re_estimation(run_planted) -> None:  # noqa: ANN001
+    res, fake = run_planted({"perturbation": _jitter(all_pairs(10), 1.0, 1)})
+    assert res.detected_targets == [] and not any(p.flagged for p in res.pairs)
+    assert max(p.score for p in res.pairs) < 7
+    assert fake.calls == [("perturbation", 90)]
+
+
+def test_threshold_is_configurable(run_planted, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    sizes = _jitter(all_pairs(10), 1.0, 2)
+    sizes[(3, 4)] = 0.7  # mildly anomalous pair
+    res, _ = run_planted({"perturbation": sizes})
+    score = next(p.score for p in res.pairs if (p.source, p.target) == (3, 4))
+    assert 2 < score < 7 and res.detected_targets == []
+    k = 10
+    x, y = torch.rand(k * 3, 1, 8, 8), torch.arange(k).repeat_interleave(3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, k))
+    monkeypatch.setattr(detect_mod, "reverse_engineer", PlantedOptimiser({"perturbation": sizes}, {}))
+    low = detect_backdoor(model, x, y, k, DetectionConfig(trigger_type="perturbation", threshold=score - 0.5,
+                                                          expand_sources=None))
+    assert low.detected_targets == [4] and low.threshold == pytest.approx(score - 0.5)
+
+
+def test_all_to_all_keeps_true_pairs_and_eliminates_a_false_one(run_planted) -> None:  # noqa: ANN001
+    sizes = _jitter(all_pairs(10), 1.0, 3)
+    for c in range(10):
+        sizes[(c, (c + 1) % 10)] = 0.2 + 0.005 * c  # the true all-to-all pairs c -> c+1
+    sizes[(5, 7)] = 0.25  # a false pair towards target 7, whose true source is 6
+    joint = {((5, 6), 7): 0.9}  # sources 5 and 6 share no trigger: the joint one is much larger
+    res, _ = run_planted({"perturbation": sizes}, joint)
+    assert res.detected_targets == list(range(10))
+    assert res.sources == {t: [(t - 1) % 10] for t in range(10)}
+    assert res.eliminated == [{"source": 5, "target": 7, "joint_size": pytest.approx(0.9),
+                               "smallest_size": pytest.approx(0.23)}]
+    flagged = {(p.source, p.target) for p in res.pairs if p.flagged}
+    assert flagged == {(c, (c + 1) % 10) for c in range(10)}
+
+
+def test_sources_sharing_one_trigger_are_kept_together(run_planted) -> None:  # noqa: ANN001
+    sizes = _jitter(all_pairs(10), 1.0, 4)
+    for s in (1, 2, 3):
+        sizes[(s, 0)] = 0.2
+    res, _ = run_planted({"perturbation": sizes}, {((1, 2, 3), 0): 0.3})  # joint barely larger: one trigger
+    assert res.sources == {0: [1, 2, 3]} and not res.eliminated
+
+
+def test_each_family_is_judged_against_its_own_median(run_planted) -> None:  # noqa: ANN001
+    pairs = all_pairs(10)
+    patch = _jitter(pairs, 20.0, 5)  # patch sizes (mask L1) live on another scale than l2 perturbations
+    for s in range(9):
+        if s != 4:
+            patch[(s, 9)] = 3.0
+    pert = _jitter(pairs, 1.0, 6)
+    res, _ = run_planted({"patch": patch, "perturbation": pert}, trigger_type="both")
+    assert res.detected_targets == [9] and res.sources[9] == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert res.triggers[9].family == "patch"
+    rec = next(p for p in res.pairs if (p.source, p.target) == (0, 9))
+    assert rec.family == "patch" and set(rec.by_family) == {"patch", "perturbation"}
+    assert rec.by_family["patch"]["score"] > 7 > abs(rec.by_family["perturbation"]["score"])
+
+
+# ---------------------------------------------------------------- the real optimiser on a tiny model
+@pytest.fixture(scope="module")
+def tiny() -> tm.TinyModel:
+    return tm.backdoored()
+
+
+def test_sources_under_the_threshold_join_when_the_targets_trigger_works_on_them(tiny: tm.TinyModel) -> None:
+    x, y = tiny.data.clean.x, tiny.data.clean.y
+    true = tiny.trigger  # the attack's own patch, standing in for a good estimate found from source 0 alone
+    trig = TargetTrigger(tm.TARGET, [0], "patch", {"mask": true.mask, "pattern": true.pattern},
+                         1.0, 9.0, 10.0)
+    wrong = TargetTrigger(1, [3], "patch", {"mask": torch.zeros(1, *x.shape[2:]), "pattern": torch.zeros(x.shape[1:])},
+                          1.0, 0.0, 8.0)  # does nothing: no class joins target 1
+    with tm.one_thread():
+        added = detect_mod._expand_sources(tiny.classifier, x, y, {tm.TARGET: trig, 1: wrong}, tm.NUM_CLASSES,
+                                           DetectionConfig(expand_sources=0.5))
+    others = [c for c in range(tm.NUM_CLASSES) if c not in (0, tm.TARGET)]
+    assert trig.sources == sorted([0, *others])
+    assert [(a["source"], a["target"]) for a in added] == [(c, tm.TARGET) for c in others]
+    assert all(a["asr"] >= 0.5 for a in added)
+    assert wrong.sources == [3]
+
+
+@pytest.mark.parametrize("family", ["patch", "perturbation"])
+def test_every_kept_trigger_really_succeeds(tiny: tm.TinyModel, family: str) -> None:
+    x, y = tiny.data.clean.x, tiny.data.clean.y
+    groups, targets = [[0], [1], [3, 4], [5]], [tm.TARGET, 0, tm.TARGET, 3]
+    with tm.one_thread():
+        res = reverse_engineer(tiny.classifier, x, y, groups, targets, family, FAST)
+        assert res.size.shape == res.asr.shape == (4,)
+        found = torch.isfinite(res.size)
+        assert found[0] and found[2], "the planted backdoor's pairs must be reversible"
+        index = group_index(y, groups)
+        for i in found.nonzero(as_tuple=True)[0].tolist():
+            trig = PairTriggers.export(family, res.tensors, i)
+            imgs = x[index[i].unique()]
+            hit = (tiny.classifier(trig(imgs)).argmax(1) == targets[i]).float().mean()
+            assert float(hit) >= FAST.success_threshold - 1e-6
+            assert float(res.asr[i]) == pytest.approx(float(hit), abs=1e-6)
+            assert float(success_rate(tiny.classifier, x, index[i : i + 1], torch.tensor([targets[i]]), family,
+                                      {k: v[i : i + 1] for k, v in res.tensors.items()}, FAST)) == pytest.approx(float(hit))
+        if family == "patch":
+            assert float(res.tensors["mask"].min()) >= 0 and float(res.tensors["mask"].max()) <= 1
+            assert torch.allclose(res.size[found], res.tensors["mask"][found].sum(dim=(1, 2, 3)), rtol=1e-4)
+        else:
+            assert torch.allclose(res.size[found], res.tensors["delta"][found].flatten(1).norm(dim=1), rtol=1e-4)
+
+
+def test_optimisation_is_deterministic_and_chunking_covers_every_group(tiny: tm.TinyModel) -> None:
+    x, y = tiny.data.clean.x, tiny.data.clean.y
+    pairs = all_pairs(tm.NUM_CLASSES)
+    groups, targets = [[s] for s, _ in pairs], [t for _, t in pairs]
+    small = ReverseConfig(**{**FAST.__dict__, "steps": 15, "max_images_per_pass": 8})  # 2 groups per pass
+    with tm.one_thread():
+        a = reverse_engineer(tiny.classifier, x, y, groups, targets, "perturbation", small)
+        b = reverse_engineer(tiny.classifier, x, y, groups, targets, "perturbation", small)
+    assert torch.equal(a.size, b.size) and torch.equal(a.tensors["delta"], b.tensors["delta"])
+    assert a.tensors["delta"].shape == (len(pairs), *x.shape[1:])
+    assert torch.isfinite(a.size).any()
+
+
+def test_bna_detect_files_read_back(tiny: tm.TinyModel, tmp_path: Path) -> None:
+    x, y = tiny.data.clean.x, tiny.data.clean.y
+    cfg = DetectionConfig(trigger_type="both", threshold=1.5, pair=FAST, reestimate_steps=40)
+    with tm.one_thread():
+        res = detect_backdoor(tiny.classifier, x, y, tm.NUM_CLASSES, cfg)
+    path = write_detection(res, tmp_path)
+    doc = json.loads(path.read_text())
+    k = tm.NUM_CLASSES
+    assert len(doc["pairs"]) == k * (k - 1)
+    for p in doc["pairs"]:
+        assert {"source", "target", "statistic", "score", "asr", "flagged", "by_family"} <= set(p)
+        assert set(p["by_family"]) == {"patch", "perturbation"}
+        assert math.isfinite(p["score"])
+    assert {"pairs_patch", "pairs_perturbation", "reestimate"} <= set(doc["timings"])
+    for pic in doc["pictures"]:
+        assert (tmp_path / pic).stat().st_size > 1000
+    assert "anomaly_scores.png" in doc["pictures"]
+    assert doc["detected_targets"], "threshold 1.5 on a backdoored model must flag something"
+    doc2, triggers = read_triggers(tmp_path)
+    assert doc2["detected_targets"] == sorted(triggers) == res.detected_targets
+    for t, trig in triggers.items():
+        assert trig.sources == res.triggers[t].sources
+        for name, v in res.triggers[t].tensors.items():
+            assert torch.equal(trig.tensors[name], v.float())
+        out = trig.module()(x[:3])
+        assert out.shape == x[:3].shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    assert "flagged" in scores_table(doc)
+
+
+def test_read_triggers_says_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="detection file not found"):
+        read_triggers(tmp_path)
+    (tmp_path / "detection.json").write_text(json.dumps({"triggers": {"9": {"sources": [1], "family": "patch",
+                                                                            "asr": 1, "size": 1}}}))
+    with pytest.raises(FileNotFoundError, match="is missing"):
+        read_triggers(tmp_path)
