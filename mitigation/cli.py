@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean-per-class", type=int, default=None, help="use at most this many clean images per class")
     p.add_argument("--trigger-type", choices=["patch", "perturbation", "both"], default="both")
     p.add_argument("--threshold", type=float, default=7.0, help="MAD anomaly threshold (default 7)")
+    p.add_argument("--statistic", choices=["auto", "source", "plain"], default="auto",
+                   help="pair statistic: plain = 1/size (the paper), source = the source's median size / size "
+                        "(an easy source is not flagged towards every class); auto = source from 5 classes up")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps per pair")
     p.add_argument("--out", required=True)
     _add_byo(p)
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detection", help="detection.json from 'bna detect' (skips detection)")
     p.add_argument("--trigger-type", choices=["patch", "perturbation", "both"], default="both")
     p.add_argument("--threshold", type=float, default=7.0)
+    p.add_argument("--statistic", choices=["auto", "source", "plain"], default="auto",
+                   help="pair statistic: plain = 1/size (the paper), source = the source's median size / size "
+                        "(an easy source is not flagged towards every class); auto = source from 5 classes up")
     p.add_argument("--divergence", choices=["tv", "js", "kl"], default="tv")
     p.add_argument("--steps", dest="steps_bna", type=int, default=None,
                    help="BNA full-set Adam steps (default 60)")

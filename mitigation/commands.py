@@ -59,7 +59,8 @@ def _detection_config(args: argparse.Namespace):  # noqa: ANN202
     steps = getattr(args, "detect_steps", None) or getattr(args, "steps", None)  # mitigate / detect
     if steps:
         pair.steps = steps
-    return DetectionConfig(trigger_type=args.trigger_type, threshold=args.threshold, pair=pair)
+    return DetectionConfig(trigger_type=args.trigger_type, threshold=args.threshold, pair=pair,
+                           statistic=getattr(args, "statistic", "auto"))
 
 
 def run_detection(args: argparse.Namespace, model, clean):  # noqa: ANN001, ANN201

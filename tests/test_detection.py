@@ -145,9 +145,41 @@ def test_threshold_is_configurable(run_planted, monkeypatch: pytest.MonkeyPatch)
     x, y = torch.rand(k * 3, 1, 8, 8), torch.arange(k).repeat_interleave(3)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, k))
     monkeypatch.setattr(detect_mod, "reverse_engineer", PlantedOptimiser({"perturbation": sizes}, {}))
-    low = detect_backdoor(model, x, y, k, DetectionConfig(trigger_type="perturbation", threshold=score - 0.5,
+    thr = score - 1e-3
+    low = detect_backdoor(model, x, y, k, DetectionConfig(trigger_type="perturbation", threshold=thr,
                                                           expand_sources=None))
-    assert low.detected_targets == [4] and low.threshold == pytest.approx(score - 0.5)
+    assert 4 in low.detected_targets and low.threshold == pytest.approx(thr)
+    assert {(p.source, p.target) for p in low.pairs if p.flagged} == {(p.source, p.target) for p in low.pairs
+                                                                        if p.score > thr}
+
+
+def test_a_source_that_is_easy_to_turn_into_anything_is_not_a_backdoor(run_planted) -> None:  # noqa: ANN001
+    sizes = _jitter(all_pairs(10), 1.0, 7)
+    for t in range(10):
+        if t != 1:
+            sizes[(1, t)] *= 0.25  # like MNIST's thin "1": small triggers towards every class
+    for s in range(9):
+        if s != 1:
+            sizes[(s, 9)] = 0.2
+    res, _ = run_planted({"perturbation": sizes})  # 10 classes: "auto" = the source-normalised statistic
+    assert res.statistic == "source"
+    assert res.detected_targets == [9]
+    assert {(p.source, p.target) for p in res.pairs if p.flagged} == {(s, 9) for s in range(9) if s != 1}
+    plain = mad_scores(detect_mod.pair_statistic(torch.tensor([sizes[p] for p in all_pairs(10)]), all_pairs(10), 10,
+                                                 "plain"))
+    assert int((plain > 7).sum()) > 8  # with 1/size alone, the easy source's pairs would be flagged too
+
+
+def test_pair_statistic_variants() -> None:
+    pairs = all_pairs(3)
+    size = torch.tensor([1.0, 2.0, 4.0, float("inf"), 0.5, 1.0])
+    plain = detect_mod.pair_statistic(size, pairs, 3, "auto")  # fewer than 5 classes: plain
+    assert torch.allclose(plain[[0, 1, 2, 4, 5]], 1 / size[[0, 1, 2, 4, 5]]) and torch.isnan(plain[3])
+    src = detect_mod.pair_statistic(size, pairs, 3, "source")  # source 0 -> {1: 1, 2: 2}: median 1
+    assert float(src[0]) == pytest.approx(1.0) and float(src[1]) == pytest.approx(0.5)
+    assert detect_mod.resolve_statistic("auto", 10) == "source"
+    with pytest.raises(ValueError, match="use plain, source or auto"):
+        detect_mod.pair_statistic(size, pairs, 3, "zscore")
 
 
 def test_all_to_all_keeps_true_pairs_and_eliminates_a_false_one(run_planted) -> None:  # noqa: ANN001

@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 class DetectionConfig:
     trigger_type: str = "both"  # patch | perturbation | both
     threshold: float = 7.0
+    # pair statistic: "plain" = 1 / size (the paper); "source" = (median size of the source's triggers
+    # to every class) / size, so that a source that is easy to turn into anything (MNIST's thin "1")
+    # does not look backdoored towards every class; "auto" = "source" from 5 classes up (each source
+    # then has enough targets for its median), else "plain"
+    statistic: str = "auto"
     pair: ReverseConfig = field(default_factory=ReverseConfig)
     reestimate_steps: int = 300
     reestimate_images: int = 24
@@ -84,6 +89,7 @@ class DetectionResult:
     timings: dict[str, float]
     eliminated: list[dict[str, Any]] = field(default_factory=list)
     added_sources: list[dict[str, Any]] = field(default_factory=list)
+    statistic: str = "plain"
 
     @property
     def detected_targets(self) -> list[int]:
@@ -106,6 +112,7 @@ class DetectionResult:
             },
             "eliminated_pairs": self.eliminated,
             "added_sources": self.added_sources,
+            "statistic": self.statistic,
             "seconds": round(self.seconds, 2),
             "timings": {k: round(v, 2) for k, v in self.timings.items()},
         }
@@ -113,6 +120,28 @@ class DetectionResult:
 
 def all_pairs(num_classes: int) -> list[tuple[int, int]]:
     return [(s, t) for s in range(num_classes) for t in range(num_classes) if s != t]
+
+
+def resolve_statistic(kind: str, num_classes: int) -> str:
+    if kind not in ("plain", "source", "auto"):
+        raise ValueError(f"unknown pair statistic {kind!r}: use plain, source or auto")
+    return ("source" if num_classes >= 5 else "plain") if kind == "auto" else kind
+
+
+def pair_statistic(size: torch.Tensor, pairs: list[tuple[int, int]], num_classes: int, kind: str = "auto") -> torch.Tensor:
+    """Per-pair anomaly statistic from trigger sizes (large = suspiciously small trigger; NaN = no trigger)."""
+    kind = resolve_statistic(kind, num_classes)
+    size = size.double()
+    found = torch.isfinite(size) & (size > 0)
+    nan = torch.full_like(size, float("nan"))
+    if kind == "plain":
+        return torch.where(found, 1.0 / size, nan).float()
+    src = torch.tensor([s for s, _ in pairs])
+    tgt = torch.tensor([t for _, t in pairs])
+    table = torch.full((num_classes, num_classes), float("nan"), dtype=torch.double)
+    table[src, tgt] = size  # inf where no trigger succeeded: it counts as a large size in the median
+    med = table.nanmedian(dim=1).values[src]
+    return torch.where(found & torch.isfinite(med), med / size, nan).float()
 
 
 def _families(trigger_type: str) -> tuple[str, ...]:
@@ -146,17 +175,19 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     targets = [t for _, t in pairs]
     results: dict[str, ReverseResult] = {}
     scores: dict[str, torch.Tensor] = {}
+    stats: dict[str, torch.Tensor] = {}
     for fam in _families(cfg.trigger_type):
         t = time.perf_counter()
         results[fam] = reverse_engineer(model, x, y, groups, targets, fam, cfg.pair, desc=f"pairs/{fam}")
         timings[f"pairs_{fam}"] = time.perf_counter() - t
-        scores[fam] = mad_scores(1.0 / results[fam].size)  # statistic 1/size; no trigger -> 0
+        stats[fam] = pair_statistic(results[fam].size, pairs, num_classes, cfg.statistic)
+        scores[fam] = mad_scores(stats[fam])
         log.info("%s: %d pairs in %.1f s, max score %.2f", fam, len(pairs), timings[f"pairs_{fam}"], float(scores[fam].max()))
 
     records: list[PairRecord] = []
     for i, (s, t) in enumerate(pairs):
         by_family = {
-            fam: {"statistic": float(1.0 / r.size[i]), "score": float(scores[fam][i]), "asr": float(r.asr[i]),
+            fam: {"statistic": float(torch.nan_to_num(stats[fam][i], nan=0.0)), "score": float(scores[fam][i]), "asr": float(r.asr[i]),
                   "size": float(r.size[i])}
             for fam, r in results.items()
         }
@@ -178,7 +209,7 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
             if r.source == e["source"] and r.target == e["target"]:
                 r.flagged = False
     return DetectionResult(records, cfg.threshold, cfg.trigger_type, triggers, time.perf_counter() - t0, timings,
-                           eliminated, added)
+                           eliminated, added, resolve_statistic(cfg.statistic, num_classes))
 
 
 def _expand_sources(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: dict[int, TargetTrigger],
