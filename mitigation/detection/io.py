@@ -62,6 +62,15 @@ def scores_table(doc: dict) -> str:
     for p in shown:
         lines.append(f"{p['source']:>6} {p['target']:>6} {p['family']:>12} {p['size']:>8.2f} {p['asr']:>5.2f} "
                      f"{p['score']:>7.2f}  {'yes' if p['flagged'] else 'no'}")
+    for e in doc.get("eliminated_pairs", []):
+        joint = "none found" if e["joint_size"] == float("inf") else f"{e['joint_size']:.2f}"
+        lines.append(f"eliminated {e['source']} -> {e['target']}: joint trigger {joint} vs "
+                     f"{e['smallest_size']:.2f} for the smallest pair alone (sources share no trigger)")
+    for a in doc.get("added_sources", []):
+        lines.append(f"source {a['source']} added to target {a['target']}: its trigger sends {100 * a['asr']:.0f}% "
+                     f"of the class's clean images there")
+    if "statistic" in doc:
+        lines.append(f"statistic: {doc['statistic']}, threshold {doc['threshold']}")
     return "\n".join(lines)
 
 
