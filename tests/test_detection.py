@@ -317,3 +317,14 @@ def test_read_triggers_says_what_is_missing(tmp_path: Path) -> None:
                                                                             "asr": 1, "size": 1}}}))
     with pytest.raises(FileNotFoundError, match="is missing"):
         read_triggers(tmp_path)
+
+
+def test_scores_table_explains_eliminations_and_additions() -> None:
+    pair = {"source": 1, "target": 9, "family": "patch", "size": 2.0, "asr": 0.95, "score": 9.5, "flagged": True}
+    doc = {"pairs": [pair], "threshold": 7.0, "statistic": "source",
+           "eliminated_pairs": [{"source": 2, "target": 9, "joint_size": float("inf"), "smallest_size": 2.0}],
+           "added_sources": [{"source": 4, "target": 9, "asr": 0.98}]}
+    text = scores_table(doc)
+    assert "eliminated 2 -> 9: joint trigger none found vs 2.00" in text
+    assert "source 4 added to target 9: its trigger sends 98%" in text
+    assert "statistic: source, threshold 7.0" in text
