@@ -56,13 +56,17 @@ def main() -> None:
         rows.append(row)
         results = Path("bench/results")
         results.mkdir(parents=True, exist_ok=True)
-        suffix = "" if args.clean_per_class == 50 else f"_c{args.clean_per_class}"
-        (results / f"attack_matrix{suffix}.json").write_text(json.dumps(rows, indent=2))
+        (results / f"attack_matrix{_tag(args.clean_per_class)}.json").write_text(json.dumps(rows, indent=2))
+
+
+def _tag(per_class: int) -> str:
+    """File-name suffix of a run with a clean-set size other than the default 50 per class."""
+    return "" if per_class == 50 else f"_c{per_class}"
 
 
 def _mitigate(bna: str, model: Path, family: str, threshold: float, per_class: int, seed: int) -> dict:
     """``bna mitigate`` (detection included) then ``bna evaluate``; the figures the issues ask for."""
-    tag = "" if per_class == 50 else f"_c{per_class}"
+    tag = _tag(per_class)
     bundle = model.parent / f"{model.name}{tag}_bundle"
     eval_path = model.parent / f"{model.name}{tag}_evaluation.json"
     t = time.perf_counter()

@@ -27,6 +27,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _add_detection(p: argparse.ArgumentParser) -> None:
+    """The detection options 'bna detect' and 'bna mitigate' share."""
+    p.add_argument("--trigger-type", choices=["patch", "perturbation", "both"], default="both")
+    p.add_argument("--threshold", type=float, default=7.0, help="MAD anomaly threshold (default 7)")
+    p.add_argument("--statistic", choices=["auto", "source", "plain"], default="auto",
+                   help="pair statistic: plain = 1/size (the paper), source = the source's median size / size "
+                        "(an easy source is not flagged towards every class); auto = source from 5 classes up")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bna", description="Backdoor detection and BNA mitigation; the gateway.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,11 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory written by 'bna train'")
     p.add_argument("--clean", help="folder of clean images, one sub-folder per class")
     p.add_argument("--clean-per-class", type=int, default=None, help="use at most this many clean images per class")
-    p.add_argument("--trigger-type", choices=["patch", "perturbation", "both"], default="both")
-    p.add_argument("--threshold", type=float, default=7.0, help="MAD anomaly threshold (default 7)")
-    p.add_argument("--statistic", choices=["auto", "source", "plain"], default="auto",
-                   help="pair statistic: plain = 1/size (the paper), source = the source's median size / size "
-                        "(an easy source is not flagged towards every class); auto = source from 5 classes up")
+    _add_detection(p)
     p.add_argument("--steps", type=int, default=None, help="optimisation steps per pair")
     p.add_argument("--out", required=True)
     _add_byo(p)
@@ -68,11 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean", help="folder of clean images, one sub-folder per class")
     p.add_argument("--clean-per-class", type=int, default=None)
     p.add_argument("--detection", help="detection.json from 'bna detect' (skips detection)")
-    p.add_argument("--trigger-type", choices=["patch", "perturbation", "both"], default="both")
-    p.add_argument("--threshold", type=float, default=7.0)
-    p.add_argument("--statistic", choices=["auto", "source", "plain"], default="auto",
-                   help="pair statistic: plain = 1/size (the paper), source = the source's median size / size "
-                        "(an easy source is not flagged towards every class); auto = source from 5 classes up")
+    _add_detection(p)
     p.add_argument("--divergence", choices=["tv", "js", "kl"], default="tv")
     p.add_argument("--steps", dest="steps_bna", type=int, default=None,
                    help="BNA full-set Adam steps (default 60)")

@@ -104,11 +104,12 @@ def run_planted(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     y = torch.arange(k).repeat_interleave(3)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, k))
 
-    def run(single: dict[str, dict], joint: dict | None = None, trigger_type: str = "perturbation"):  # noqa: ANN202
+    def run(single: dict[str, dict], joint: dict | None = None, trigger_type: str = "perturbation",  # noqa: ANN202
+            threshold: float = 7.0):
         fake = PlantedOptimiser(single, joint or {})
         monkeypatch.setattr(detect_mod, "reverse_engineer", fake)
         # source expansion runs the real model on the planted (zero) triggers: tested on its own below
-        cfg = DetectionConfig(trigger_type=trigger_type, expand_sources=None)
+        cfg = DetectionConfig(trigger_type=trigger_type, threshold=threshold, expand_sources=None)
         return detect_backdoor(model, x, y, k, cfg), fake
 
     return run
@@ -135,19 +136,14 @@ def test_clean_model_flags_nothing_and_skips_re_estimation(run_planted) -> None:
     assert fake.calls == [("perturbation", 90)]
 
 
-def test_threshold_is_configurable(run_planted, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_threshold_is_configurable(run_planted) -> None:  # noqa: ANN001
     sizes = _jitter(all_pairs(10), 1.0, 2)
     sizes[(3, 4)] = 0.7  # mildly anomalous pair
     res, _ = run_planted({"perturbation": sizes})
     score = next(p.score for p in res.pairs if (p.source, p.target) == (3, 4))
     assert 2 < score < 7 and res.detected_targets == []
-    k = 10
-    x, y = torch.rand(k * 3, 1, 8, 8), torch.arange(k).repeat_interleave(3)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, k))
-    monkeypatch.setattr(detect_mod, "reverse_engineer", PlantedOptimiser({"perturbation": sizes}, {}))
     thr = score - 1e-3
-    low = detect_backdoor(model, x, y, k, DetectionConfig(trigger_type="perturbation", threshold=thr,
-                                                          expand_sources=None))
+    low, _ = run_planted({"perturbation": sizes}, threshold=thr)
     assert 4 in low.detected_targets and low.threshold == pytest.approx(thr)
     assert {(p.source, p.target) for p in low.pairs if p.flagged} == {(p.source, p.target) for p in low.pairs
                                                                         if p.score > thr}

@@ -224,11 +224,11 @@ def _expand_sources(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers
         index = group_index(y.cpu(), [[c] for c in others])
         tensors = {k: v.unsqueeze(0).expand(len(others), *v.shape).to(x.device) for k, v in trig.tensors.items()}
         asr = success_rate(model, x, index, torch.full((len(others),), t), trig.family, tensors, cfg.pair)
-        for c, a in zip(others, asr.tolist()):
-            if a >= cfg.expand_sources:
-                added.append({"source": c, "target": t, "asr": round(a, 4)})
-                log.info("target %d: its trigger also sends %.0f%% of class %d to it: source added", t, 100 * a, c)
-        trig.sources = sorted(trig.sources + [e["source"] for e in added if e["target"] == t])
+        joined = [(c, a) for c, a in zip(others, asr.tolist()) if a >= cfg.expand_sources]
+        for c, a in joined:
+            added.append({"source": c, "target": t, "asr": round(a, 4)})
+            log.info("target %d: its trigger also sends %.0f%% of class %d to it: source added", t, 100 * a, c)
+        trig.sources = sorted(trig.sources + [c for c, _ in joined])
     return added
 
 
