@@ -108,8 +108,10 @@ def run_planted(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
             threshold: float = 7.0):
         fake = PlantedOptimiser(single, joint or {})
         monkeypatch.setattr(detect_mod, "reverse_engineer", fake)
-        # source expansion runs the real model on the planted (zero) triggers: tested on its own below
-        cfg = DetectionConfig(trigger_type=trigger_type, threshold=threshold, expand_sources=None)
+        # source expansion and trigger transfer run the real model on the planted (zero) triggers: tested on
+        # their own below
+        cfg = DetectionConfig(trigger_type=trigger_type, threshold=threshold, expand_sources=None,
+                              transfer_success=None)
         return detect_backdoor(model, x, y, k, cfg), fake
 
     return run
@@ -126,7 +128,8 @@ def test_planted_all_to_one_backdoor_gives_its_target_and_every_source(run_plant
     assert flagged == {(s, 9) for s in range(9)}
     assert all(p.score > 7 for p in res.pairs if p.flagged)
     assert len(res.pairs) == 90 and not res.eliminated
-    assert fake.calls == [("perturbation", 90), ("perturbation", 1)]  # all pairs in one call; then one re-estimate
+    # all pairs in one call; then one re-estimate: the 9 sources jointly and the smallest pair alone
+    assert fake.calls == [("perturbation", 90), ("perturbation", 2)]
 
 
 def test_clean_model_flags_nothing_and_skips_re_estimation(run_planted) -> None:  # noqa: ANN001
@@ -239,6 +242,76 @@ def test_sources_under_the_threshold_join_when_the_targets_trigger_works_on_them
     assert wrong.sources == [3]
 
 
+class Staircase(torch.nn.Module):
+    """Class k iff the mean pixel is nearest k / 10: adding 0.1 everywhere moves every class up by one,
+    like an all-to-all backdoor whose pairs c -> c + 1 share one trigger."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.levels = torch.arange(k).float() / 10
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -(x.flatten(1).mean(1, keepdim=True) - self.levels).abs() * 100
+
+
+def test_a_targets_trigger_that_moves_other_classes_elsewhere_reveals_missed_targets() -> None:
+    k = 6
+    y = torch.arange(k).repeat_interleave(4)
+    x = (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    trig = TargetTrigger(1, [0], "perturbation", {"delta": torch.full((1, 4, 4), 0.1)}, 1.0, 0.4, 9.0)
+    triggers = {1: trig}
+    added = detect_mod._expand_sources(Staircase(k), x, y, triggers, k, DetectionConfig())
+    # classes 1..4 go to 2..5, none of them a target yet: each becomes one, with its source and this trigger;
+    # class 5 goes nowhere (its next level does not exist)
+    assert [(a["source"], a["target"], a["trigger_of"]) for a in added] == [(c, c + 1, 1) for c in range(1, 5)]
+    assert sorted(triggers) == [1, 2, 3, 4, 5] and trig.sources == [0]
+    assert all(triggers[t].sources == [t - 1] and torch.equal(triggers[t].tensors["delta"], trig.tensors["delta"]) for t in range(2, 6))
+    text = scores_table({"pairs": [], "threshold": 7.0, "added_sources": added})
+    assert "target 2 (source 1) added: the trigger of target 1 sends 100% of class 1's clean images there" in text
+
+
+def test_a_flagged_pairs_trigger_tightens_every_pair_it_also_works_on(tiny: tm.TinyModel) -> None:
+    x, y = tiny.data.clean.x, tiny.data.clean.y
+    pairs = all_pairs(tm.NUM_CLASSES)
+    g = torch.Generator().manual_seed(0)
+    size = 20.0 * (1 + 0.2 * torch.rand(len(pairs), generator=g))  # optimisation found only large triggers...
+    tensors = {"mask": torch.zeros(len(pairs), 1, *x.shape[2:]), "pattern": torch.zeros(len(pairs), *x.shape[1:])}
+    donor = pairs.index((0, tm.TARGET))  # ...except for 0 -> TARGET, where it found the attack's own patch
+    size[donor] = 9.0
+    tensors["mask"][donor], tensors["pattern"][donor] = tiny.trigger.mask, tiny.trigger.pattern
+    res = ReverseResult("patch", size.clone(), torch.ones(len(pairs)), {k: v.clone() for k, v in tensors.items()})
+    with tm.one_thread():
+        moved = detect_mod._transfer(tiny.classifier, x, y, res, pairs, tm.NUM_CLASSES, DetectionConfig())
+    others = [c for c in range(tm.NUM_CLASSES) if c not in (0, tm.TARGET)]
+    assert [(m["source"], m["target"], tuple(m["from"])) for m in moved] == [(c, tm.TARGET, (0, tm.TARGET))
+                                                                             for c in others]
+    assert all(m["asr"] >= 0.5 and m["size"] == 9.0 and m["size_before"] > 20 for m in moved)
+    for c in others:
+        j = pairs.index((c, tm.TARGET))
+        assert float(res.size[j]) == 9.0 and torch.equal(res.tensors["mask"][j], tiny.trigger.mask)
+    untouched = [i for i, (s, t) in enumerate(pairs) if t != tm.TARGET]
+    assert torch.equal(res.size[untouched], size[untouched])  # a trigger that does nothing elsewhere moves nothing
+
+
+def test_calibration_scales_a_perturbation_until_it_succeeds_on_the_whole_pool() -> None:
+    from mitigation.detection.reverse import _calibrate
+
+    class Brightness(torch.nn.Module):  # class 1 iff the mean pixel exceeds 0.5
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            m = x.flatten(1).mean(1, keepdim=True)
+            return torch.cat([torch.zeros_like(m), 10 * (m - 0.5)], dim=1)
+
+    x = torch.linspace(0.12, 0.4, 20).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    index = torch.arange(20).view(1, -1)
+    delta = {"delta": torch.full((1, 1, 4, 4), 0.2)}  # lifts only the brightest third over the boundary
+    cfg = ReverseConfig(calibrate_scales=(1.25, 1.5, 2.0, 4.0))
+    asr = success_rate(Brightness(), x, index, torch.tensor([1]), "perturbation", delta, cfg)
+    assert float(asr) < 0.5
+    out, asr2 = _calibrate(Brightness(), x, index, torch.tensor([1]), delta, asr, cfg)
+    assert torch.allclose(out["delta"], 2.0 * delta["delta"])  # 1.25 and 1.5 are not enough; 2 is the first
+    assert float(asr2) >= cfg.success_threshold
+
+
 @pytest.mark.parametrize("family", ["patch", "perturbation"])
 def test_every_kept_trigger_really_succeeds(tiny: tm.TinyModel, family: str) -> None:
     x, y = tiny.data.clean.x, tiny.data.clean.y
@@ -319,8 +392,11 @@ def test_scores_table_explains_eliminations_and_additions() -> None:
     pair = {"source": 1, "target": 9, "family": "patch", "size": 2.0, "asr": 0.95, "score": 9.5, "flagged": True}
     doc = {"pairs": [pair], "threshold": 7.0, "statistic": "source",
            "eliminated_pairs": [{"source": 2, "target": 9, "joint_size": float("inf"), "smallest_size": 2.0}],
-           "added_sources": [{"source": 4, "target": 9, "asr": 0.98}]}
+           "added_sources": [{"source": 4, "target": 9, "asr": 0.98}],
+           "transferred": [{"source": 1, "target": 9, "family": "patch", "from": [0, 9], "asr": 0.86,
+                            "size_before": 7.25, "size": 2.0}]}
     text = scores_table(doc)
     assert "eliminated 2 -> 9: joint trigger none found vs 2.00" in text
     assert "source 4 added to target 9: its trigger sends 98%" in text
+    assert "pair 1 -> 9 (patch): the trigger of 0 -> 9 also works there (86%): size 7.25 -> 2.00" in text
     assert "statistic: source, threshold 7.0" in text

@@ -11,7 +11,8 @@ from torch import nn
 
 from mitigation.attacks import Additive, Trigger
 from mitigation.detection.mad import mad_scores
-from mitigation.detection.reverse import ReverseConfig, ReverseResult, reverse_engineer, success_rate, group_index
+from mitigation.detection.reverse import (ReverseConfig, ReverseResult, group_index, prediction_fractions,
+                                          reverse_engineer, success_rate)
 from mitigation.detection.triggers import FAMILIES, PairTriggers
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,22 @@ class DetectionConfig:
     reestimate_steps: int = 300
     reestimate_images: int = 24
     joint_ratio: float = 2.0  # A2A false-pair test: joint trigger this much larger than the smallest alone
+    # re-estimated perturbations are scaled up by the first of these factors that makes them succeed on
+    # ReverseConfig.success_threshold of their whole pool (see ReverseConfig.calibrate_scales)
+    reestimate_scales: tuple[float, ...] = (1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
     binarise_fraction: float = 0.1  # patch estimate: mask -> 1 where it exceeds this fraction of its max
     # a class joins S(t) when t's re-estimated trigger sends at least this fraction of its clean images
     # to t (None: off). An all-to-one backdoor's trigger works on every class, also on the sources whose
     # pair stayed under the threshold; a natural or all-to-all pair's trigger does not transfer.
     expand_sources: float | None = 0.5
+    # trigger transfer: a reverse-engineered trigger is only an upper bound on its pair's smallest trigger,
+    # and so is any other pair's trigger that works there. Each flagged pair's trigger is stamped on every
+    # class's clean images; where it sends at least this fraction of class c to one class t', the pair
+    # (c, t') takes that trigger if it is smaller than its own, and MAD is recomputed (None: off). This
+    # finds the pairs whose own optimisation missed the backdoor (an all-to-all attack's pairs share one
+    # patch). Up to ``transfer_rounds`` rounds, each with the newly flagged pairs' triggers.
+    transfer_success: float | None = 0.5
+    transfer_rounds: int = 3
 
 
 @dataclass
@@ -90,6 +102,7 @@ class DetectionResult:
     eliminated: list[dict[str, Any]] = field(default_factory=list)
     added_sources: list[dict[str, Any]] = field(default_factory=list)
     statistic: str = "plain"
+    transferred: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def detected_targets(self) -> list[int]:
@@ -112,6 +125,7 @@ class DetectionResult:
             },
             "eliminated_pairs": self.eliminated,
             "added_sources": self.added_sources,
+            "transferred": self.transferred,
             "statistic": self.statistic,
             "seconds": round(self.seconds, 2),
             "timings": {k: round(v, 2) for k, v in self.timings.items()},
@@ -183,6 +197,14 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
         stats[fam] = pair_statistic(results[fam].size, pairs, num_classes, cfg.statistic)
         scores[fam] = mad_scores(stats[fam])
         log.info("%s: %d pairs in %.1f s, max score %.2f", fam, len(pairs), timings[f"pairs_{fam}"], float(scores[fam].max()))
+    transferred: list[dict[str, Any]] = []
+    if cfg.transfer_success is not None:
+        t = time.perf_counter()
+        for fam, res in results.items():
+            transferred += _transfer(model, x, y, res, pairs, num_classes, cfg)
+            stats[fam] = pair_statistic(res.size, pairs, num_classes, cfg.statistic)
+            scores[fam] = mad_scores(stats[fam])
+        timings["transfer"] = time.perf_counter() - t
 
     records: list[PairRecord] = []
     for i, (s, t) in enumerate(pairs):
@@ -209,26 +231,87 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
             if r.source == e["source"] and r.target == e["target"]:
                 r.flagged = False
     return DetectionResult(records, cfg.threshold, cfg.trigger_type, triggers, time.perf_counter() - t0, timings,
-                           eliminated, added, resolve_statistic(cfg.statistic, num_classes))
+                           eliminated, added, resolve_statistic(cfg.statistic, num_classes), transferred)
+
+
+def _transfer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, res: ReverseResult, pairs: list[tuple[int, int]],
+              num_classes: int, cfg: DetectionConfig) -> list[dict[str, Any]]:
+    """Tighten pair sizes with the flagged pairs' triggers (in place on ``res``); what moved, for the record."""
+    assert cfg.transfer_success is not None
+    where = {p: i for i, p in enumerate(pairs)}
+    present = torch.zeros(num_classes, dtype=torch.bool)
+    present[y.unique().cpu()] = True
+    moved: list[dict[str, Any]] = []
+    used: set[int] = set()
+    for _ in range(cfg.transfer_rounds):
+        scores = mad_scores(pair_statistic(res.size, pairs, num_classes, cfg.statistic))
+        donors = [i for i in (scores > cfg.threshold).nonzero(as_tuple=True)[0].tolist() if i not in used]
+        if not donors:
+            break
+        used.update(donors)
+        given = {k: v[donors].clone() for k, v in res.tensors.items()}
+        given_size = res.size[donors].clone()
+        frac = prediction_fractions(model, x, y, num_classes, res.family, given, cfg.pair).cpu()  # [D, K, K]
+        frac[:, torch.arange(num_classes), torch.arange(num_classes)] = 0.0  # staying in one's class is no success
+        rate, dest = frac.max(dim=2)  # [D, K]: where each donor sends each class, and how often
+        changed = False
+        for d, i in enumerate(donors):
+            for c in (present & (rate[d] >= cfg.transfer_success)).nonzero(as_tuple=True)[0].tolist():
+                j = where[(c, int(dest[d, c]))]
+                if j == i or not bool(given_size[d] < res.size[j]):
+                    continue
+                moved.append({"source": c, "target": pairs[j][1], "family": res.family, "from": list(pairs[i]),
+                              "asr": round(float(rate[d, c]), 4), "size_before": float(res.size[j]),
+                              "size": float(given_size[d])})
+                log.info("%s: the trigger of %d -> %d sends %.0f%% of class %d to %d: pair size %.2f -> %.2f",
+                         res.family, *pairs[i], 100 * float(rate[d, c]), c, pairs[j][1], float(res.size[j]),
+                         float(given_size[d]))
+                res.size[j], res.asr[j] = given_size[d], rate[d, c]
+                for k in res.tensors:
+                    res.tensors[k][j] = given[k][d]
+                changed = True
+        if not changed:
+            break
+    return moved
 
 
 def _expand_sources(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: dict[int, TargetTrigger],
                     num_classes: int, cfg: DetectionConfig) -> list[dict[str, Any]]:
-    """Add to S(t) every other class on which t's trigger succeeds (batched over classes; few targets)."""
-    added: list[dict[str, Any]] = []
+    """Stamp each target's trigger on every class's clean images (batched over triggers and images).
+
+    A class that the trigger sends to its target joins S(t). A class that it sends, just as reliably, to
+    another class t' that is not a target yet makes t' a target with that source and this trigger: an
+    all-to-all backdoor's pairs share one trigger, so one found pair reveals a missed one.
+    """
+    assert cfg.expand_sources is not None
+    if not triggers:
+        return []
     present = set(y.unique().tolist())
-    for t, trig in sorted(triggers.items()):
-        others = [c for c in range(num_classes) if c != t and c not in trig.sources and c in present]
-        if not others:
-            continue
-        index = group_index(y.cpu(), [[c] for c in others])
-        tensors = {k: v.unsqueeze(0).expand(len(others), *v.shape).to(x.device) for k, v in trig.tensors.items()}
-        asr = success_rate(model, x, index, torch.full((len(others),), t), trig.family, tensors, cfg.pair)
-        joined = [(c, a) for c, a in zip(others, asr.tolist()) if a >= cfg.expand_sources]
-        for c, a in joined:
-            added.append({"source": c, "target": t, "asr": round(a, 4)})
-            log.info("target %d: its trigger also sends %.0f%% of class %d to it: source added", t, 100 * a, c)
-        trig.sources = sorted(trig.sources + [c for c, _ in joined])
+    found = sorted(triggers.items())
+    added: list[dict[str, Any]] = []
+    for fam in sorted({tr.family for _, tr in found}):
+        group = [(t, tr) for t, tr in found if tr.family == fam]
+        tensors = {k: torch.stack([tr.tensors[k] for _, tr in group]).to(x.device) for k in group[0][1].tensors}
+        frac = prediction_fractions(model, x, y, num_classes, fam, tensors, cfg.pair).cpu()  # [T, K, K]
+        for d, (t, trig) in enumerate(group):
+            for c in sorted(present - set(trig.sources)):  # class t itself may still reveal a target t'
+                dest = int(frac[d, c].argmax())
+                if c != t and float(frac[d, c, t]) >= cfg.expand_sources:
+                    dest = t
+                rate = float(frac[d, c, dest])
+                if rate < cfg.expand_sources or dest == c:
+                    continue
+                if dest == t:
+                    trig.sources = sorted(trig.sources + [c])
+                    log.info("target %d: its trigger also sends %.0f%% of class %d to it: source added", t, 100 * rate, c)
+                elif dest not in triggers:
+                    triggers[dest] = TargetTrigger(dest, [c], fam, {k: v.clone() for k, v in trig.tensors.items()},
+                                                    rate, trig.size, trig.score)
+                    log.info("target %d's trigger sends %.0f%% of class %d to %d: %d is a target too, source %d",
+                             t, 100 * rate, c, dest, dest, c)
+                else:
+                    continue
+                added.append({"source": c, "target": dest, "asr": round(rate, 4), "trigger_of": t})
     return added
 
 
@@ -243,37 +326,32 @@ def _family_of(recs: list[PairRecord]) -> str:
 
 def _estimate_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flagged: dict[int, list[PairRecord]],
                       cfg: DetectionConfig) -> tuple[dict[int, TargetTrigger], list[dict[str, Any]]]:
-    """Re-estimate each target's trigger jointly on all its sources (batched over targets and families).
+    """Re-estimate each target's trigger jointly on all its sources (one batched run per family).
 
-    All-to-all false pairs: when a target has several sources but the joint trigger is much larger than
-    the smallest single-source one, the sources do not share a trigger: keep only the smallest pair.
+    All-to-all false pairs: a target with several sources also has its smallest pair re-estimated alone,
+    in the same run and with the same settings; when the joint trigger is much larger than that one, the
+    sources do not share a trigger: only the smallest pair is kept, with its own estimate.
     """
     if not flagged:
         return {}, []
     re_cfg = ReverseConfig(**{**cfg.pair.__dict__, "steps": cfg.reestimate_steps,
-                              "images_per_group": cfg.reestimate_images})
-    plan = {t: sorted(r.source for r in recs) for t, recs in flagged.items()}
+                              "images_per_group": cfg.reestimate_images, "calibrate_scales": cfg.reestimate_scales})
     fams = {t: _family_of(recs) for t, recs in flagged.items()}
-    estimates = _joint(model, x, y, plan, fams, re_cfg)
+    plan = {t: sorted(r.source for r in recs) for t, recs in sorted(flagged.items())}
+    alone = {t: min(recs, key=lambda r: r.by_family[fams[t]]["size"]).source
+             for t, recs in sorted(flagged.items()) if len(recs) > 1}
+    jobs = [(t, srcs) for t, srcs in plan.items()] + [(t, [s]) for t, s in alone.items()]
+    found = _reestimate(model, x, y, jobs, fams, re_cfg)
+    estimates = dict(zip(plan, found[: len(plan)]))
     eliminated: list[dict[str, Any]] = []
-    retry: dict[int, list[int]] = {}
-    for t, recs in flagged.items():
-        if len(recs) < 2:
-            continue
-        fam = fams[t]
-        smallest = min(recs, key=lambda r: r.by_family[fam]["size"])
-        alone = smallest.by_family[fam]["size"]
-        joint = float(estimates[t][1])
-        if joint > cfg.joint_ratio * alone:
-            retry[t] = [smallest.source]
-            for r in recs:
-                if r.source != smallest.source:
-                    eliminated.append({"source": r.source, "target": t, "joint_size": joint, "smallest_size": alone})
-            log.info("target %d: joint trigger %.2f > %.1f x %.2f: keeping only source %d",
-                     t, joint, cfg.joint_ratio, alone, smallest.source)
-    if retry:
-        estimates.update(_joint(model, x, y, retry, {t: fams[t] for t in retry}, re_cfg))
-        plan.update(retry)
+    for (t, s), single in zip(alone.items(), found[len(plan):]):
+        joint, smallest = estimates[t][1], single[1]
+        if joint > cfg.joint_ratio * smallest:
+            eliminated += [{"source": r, "target": t, "joint_size": joint, "smallest_size": smallest}
+                           for r in plan[t] if r != s]
+            plan[t], estimates[t] = [s], single
+            log.info("target %d: joint trigger %.2f > %.1f x %.2f (source %d alone): keeping only source %d",
+                     t, joint, cfg.joint_ratio, smallest, s, s)
     triggers: dict[int, TargetTrigger] = {}
     for t, (tensors, size, asr) in estimates.items():
         fam = fams[t]
@@ -286,12 +364,14 @@ def _estimate_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flagge
     return triggers, eliminated
 
 
-def _joint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: dict[int, list[int]], fams: dict[int, str],
-           cfg: ReverseConfig) -> dict[int, tuple[dict[str, torch.Tensor], float, float]]:
-    out: dict[int, tuple[dict[str, torch.Tensor], float, float]] = {}
-    for fam in sorted(set(fams.values())):
-        ts = [t for t in sorted(plan) if fams[t] == fam]
-        res = reverse_engineer(model, x, y, [plan[t] for t in ts], ts, fam, cfg, desc=f"re-estimate/{fam}")
-        for i, t in enumerate(ts):
-            out[t] = ({k: v[i] for k, v in res.tensors.items()}, float(res.size[i]), float(res.asr[i]))
+def _reestimate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, jobs: list[tuple[int, list[int]]],
+                fams: dict[int, str], cfg: ReverseConfig) -> list[tuple[dict[str, torch.Tensor], float, float]]:
+    """One trigger per job (target, its sources): tensors, size, success; one batched run per family."""
+    out: list[tuple[dict[str, torch.Tensor], float, float]] = [({}, 0.0, 0.0)] * len(jobs)
+    for fam in sorted({fams[t] for t, _ in jobs}):
+        idx = [i for i, (t, _) in enumerate(jobs) if fams[t] == fam]
+        res = reverse_engineer(model, x, y, [jobs[i][1] for i in idx], [jobs[i][0] for i in idx], fam, cfg,
+                               desc=f"re-estimate/{fam}")
+        for k, i in enumerate(idx):
+            out[i] = ({n: v[k] for n, v in res.tensors.items()}, float(res.size[k]), float(res.asr[k]))
     return out

@@ -66,9 +66,21 @@ def scores_table(doc: dict) -> str:
         joint = "none found" if e["joint_size"] == float("inf") else f"{e['joint_size']:.2f}"
         lines.append(f"eliminated {e['source']} -> {e['target']}: joint trigger {joint} vs "
                      f"{e['smallest_size']:.2f} for the smallest pair alone (sources share no trigger)")
+    moves: dict[tuple[int, int, str], dict] = {}
+    for m in doc.get("transferred", []):  # a pair may be tightened several times: first size, last trigger
+        key = (m["source"], m["target"], m["family"])
+        moves[key] = {**m, "size_before": moves.get(key, m)["size_before"]}
+    for m in moves.values():
+        lines.append(f"pair {m['source']} -> {m['target']} ({m['family']}): the trigger of {m['from'][0]} -> "
+                     f"{m['from'][1]} also works there ({100 * m['asr']:.0f}%): size {m['size_before']:.2f} -> "
+                     f"{m['size']:.2f}")
     for a in doc.get("added_sources", []):
-        lines.append(f"source {a['source']} added to target {a['target']}: its trigger sends {100 * a['asr']:.0f}% "
-                     f"of the class's clean images there")
+        if a.get("trigger_of", a["target"]) == a["target"]:
+            lines.append(f"source {a['source']} added to target {a['target']}: its trigger sends "
+                         f"{100 * a['asr']:.0f}% of the class's clean images there")
+        else:
+            lines.append(f"target {a['target']} (source {a['source']}) added: the trigger of target "
+                         f"{a['trigger_of']} sends {100 * a['asr']:.0f}% of class {a['source']}'s clean images there")
     if "statistic" in doc:
         lines.append(f"statistic: {doc['statistic']}, threshold {doc['threshold']}")
     return "\n".join(lines)

@@ -35,6 +35,11 @@ class ReverseConfig:
     max_images_per_pass: int = 512
     seed: int = 0
     progress: bool = True
+    # perturbation family: scale each kept trigger by the smallest of these factors that makes it succeed
+    # on ``success_threshold`` of its whole pool. A minimal perturbation sits on the decision boundary of
+    # the images it was fitted on; on a pool of several classes it may succeed on only half of them, and
+    # comparing such sizes says little. Empty: off (the pair stage); the per-target re-estimate uses it.
+    calibrate_scales: tuple[float, ...] = ()
 
 
 @dataclass
@@ -113,10 +118,55 @@ def _run_chunk(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets: 
         for k in best:
             best[k][never] = snap[k][never]
     asr = success_rate(model, x, index, targets, family, best, cfg)
+    if family == "perturbation" and cfg.calibrate_scales:
+        best, asr = _calibrate(model, x, index, targets, best, asr, cfg)
     size = _size_of(family, best)
     # a trigger that does not really succeed on the whole pool is not a small trigger
     size = torch.where(asr >= 0.5, size, torch.full_like(size, float("inf")))
     return ReverseResult(family, size.cpu(), asr.cpu(), {k: v.cpu() for k, v in best.items()})
+
+
+def _calibrate(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
+               best: dict[str, torch.Tensor], asr: torch.Tensor, cfg: ReverseConfig
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Scale each group's perturbation by the smallest factor that reaches ``success_threshold`` on its pool."""
+    delta = best["delta"]
+    done = asr >= cfg.success_threshold
+    scale = torch.ones_like(asr)
+    for factor in sorted(f for f in cfg.calibrate_scales if f > 1.0):
+        if bool(done.all()):
+            break
+        a = success_rate(model, x, index, targets, "perturbation", {"delta": delta * factor}, cfg)
+        take = ~done & (a >= cfg.success_threshold)
+        scale = torch.where(take, torch.full_like(scale, factor), scale)
+        asr = torch.where(take, a, asr)
+        done |= take
+    return {"delta": delta * scale.view(-1, *[1] * (delta.dim() - 1)).to(delta.device)}, asr
+
+
+@torch.no_grad()
+def prediction_fractions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, family: str,
+                         tensors: dict[str, torch.Tensor], cfg: ReverseConfig) -> torch.Tensor:
+    """[T, K, K]: for each of T triggers and each true class c, the fraction of c's images (with the
+    trigger embedded) that the model assigns to each class. Triggers and images batched, chunked."""
+    device = x.device
+    n_trig = next(iter(tensors.values())).shape[0]
+    counts = torch.zeros(n_trig, num_classes, num_classes, device=device)
+    onehot_y = F.one_hot(y.to(device), num_classes).float()  # [N, K]
+    per_pass = max(1, cfg.max_images_per_pass // max(1, n_trig))
+    for start in range(0, x.shape[0], per_pass):
+        xt = embed(family, tensors, x[start : start + per_pass].unsqueeze(0))  # [T, B, C, H, W]
+        pred = model(xt.flatten(0, 1)).argmax(1).view(n_trig, -1)
+        counts += torch.einsum("nc,tnk->tck", onehot_y[start : start + per_pass], F.one_hot(pred, num_classes).float())
+    return counts / onehot_y.sum(0).clamp(min=1).view(1, -1, 1)
+
+
+def embed(family: str, tensors: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+    """Stamp trigger g on images ``xb[g]`` ([G or 1, B, C, H, W]), for triggers given as plain tensors."""
+    if family == "patch":
+        m = tensors["mask"].to(xb.device).unsqueeze(1)
+        return (1 - m) * xb + m * tensors["pattern"].to(xb.device).unsqueeze(1)
+    return (xb + tensors["delta"].to(xb.device).unsqueeze(1)).clamp(0, 1)
 
 
 def _size_of(family: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -135,13 +185,7 @@ def success_rate(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets
     cols_per_pass = max(1, cfg.max_images_per_pass // n_groups)
     for start in range(0, length, cols_per_pass):
         idx = index[:, start : start + cols_per_pass].to(device)
-        xb = x[idx]
-        if family == "patch":
-            m = tensors["mask"].to(device).unsqueeze(1)
-            xt = (1 - m) * xb + m * tensors["pattern"].to(device).unsqueeze(1)
-        else:
-            xt = (xb + tensors["delta"].to(device).unsqueeze(1)).clamp(0, 1)
-        pred = model(xt.flatten(0, 1)).argmax(1).view(n_groups, -1)
+        pred = model(embed(family, tensors, x[idx]).flatten(0, 1)).argmax(1).view(n_groups, -1)
         hits += (pred == targets.to(device).unsqueeze(1)).float().sum(1)
     return hits / length
 
