@@ -270,6 +270,18 @@ def test_a_targets_trigger_that_moves_other_classes_elsewhere_reveals_missed_tar
     assert "target 2 (source 1) added: the trigger of target 1 sends 100% of class 1's clean images there" in text
 
 
+def test_sources_on_which_the_smallest_pairs_trigger_works_are_not_eliminated(tiny: tm.TinyModel) -> None:
+    x, y = tiny.data.clean.x, tiny.data.clean.y
+    true = {"mask": tiny.trigger.mask, "pattern": tiny.trigger.pattern}
+    nothing = {"mask": torch.zeros_like(tiny.trigger.mask), "pattern": torch.zeros_like(tiny.trigger.pattern)}
+    with tm.one_thread():
+        shared = detect_mod._shared(tiny.classifier, x, y, tm.TARGET, "patch", true, [1, 3, 4], DetectionConfig())
+        none = detect_mod._shared(tiny.classifier, x, y, tm.TARGET, "patch", nothing, [1, 3, 4], DetectionConfig())
+        off = detect_mod._shared(tiny.classifier, x, y, tm.TARGET, "patch", true, [1, 3, 4],
+                                 DetectionConfig(expand_sources=None))
+    assert shared == [1, 3, 4] and none == [] and off == []
+
+
 def test_a_flagged_pairs_trigger_tightens_every_pair_it_also_works_on(tiny: tm.TinyModel) -> None:
     x, y = tiny.data.clean.x, tiny.data.clean.y
     pairs = all_pairs(tm.NUM_CLASSES)

@@ -30,7 +30,10 @@ class DetectionConfig:
     pair: ReverseConfig = field(default_factory=ReverseConfig)
     reestimate_steps: int = 300
     reestimate_images: int = 24
-    joint_ratio: float = 2.0  # A2A false-pair test: joint trigger this much larger than the smallest alone
+    # all-to-all false-pair test: a joint trigger this much larger than the smallest pair's alone (re-estimated
+    # with the same settings) means the sources do not all share one trigger; only the smallest pair is kept,
+    # with the sources on which its trigger also succeeds (at least ``expand_sources``)
+    joint_ratio: float = 2.0
     # re-estimated perturbations are scaled up by the first of these factors that makes them succeed on
     # ReverseConfig.success_threshold of their whole pool (see ReverseConfig.calibrate_scales)
     reestimate_scales: tuple[float, ...] = (1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
@@ -347,11 +350,16 @@ def _estimate_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flagge
     for (t, s), single in zip(alone.items(), found[len(plan):]):
         joint, smallest = estimates[t][1], single[1]
         if joint > cfg.joint_ratio * smallest:
+            others = [r for r in plan[t] if r != s]
+            if fams[t] == "patch":  # the stamped patch that would be served, as below
+                single = (_binarise(model, x, group_index(y.cpu(), [[s]]), t, single[0], cfg.binarise_fraction,
+                                    re_cfg)[0], single[1], single[2])
+            shared = _shared(model, x, y, t, fams[t], single[0], others, cfg)
             eliminated += [{"source": r, "target": t, "joint_size": joint, "smallest_size": smallest}
-                           for r in plan[t] if r != s]
-            plan[t], estimates[t] = [s], single
-            log.info("target %d: joint trigger %.2f > %.1f x %.2f (source %d alone): keeping only source %d",
-                     t, joint, cfg.joint_ratio, smallest, s, s)
+                           for r in others if r not in shared]
+            plan[t], estimates[t] = sorted([s, *shared]), single
+            log.info("target %d: joint trigger %.2f > %.1f x %.2f (source %d alone): keeping sources %s",
+                     t, joint, cfg.joint_ratio, smallest, s, plan[t])
     triggers: dict[int, TargetTrigger] = {}
     for t, (tensors, size, asr) in estimates.items():
         fam = fams[t]
@@ -362,6 +370,19 @@ def _estimate_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flagge
         score = max(r.score for r in flagged[t] if r.source in plan[t])
         triggers[t] = TargetTrigger(t, plan[t], fam, tensors, float(asr), float(size), float(score))
     return triggers, eliminated
+
+
+def _shared(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: int, family: str,
+            tensors: dict[str, torch.Tensor], sources: list[int], cfg: DetectionConfig) -> list[int]:
+    """The sources on which the smallest pair's own trigger also works (they share it, whatever the size
+    of a trigger fitted to all of them at once: one fitted to nine diverse classes needs a few more
+    pixels than one fitted to a single class). Without ``expand_sources``: none."""
+    if cfg.expand_sources is None or not sources:
+        return []
+    index = group_index(y.cpu(), [[r] for r in sources])
+    stacked = {k: v.unsqueeze(0).expand(len(sources), *v.shape).to(x.device) for k, v in tensors.items()}
+    asr = success_rate(model, x, index, torch.full((len(sources),), target), family, stacked, cfg.pair)
+    return [r for r, a in zip(sources, asr.tolist()) if a >= cfg.expand_sources]
 
 
 def _reestimate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, jobs: list[tuple[int, list[int]]],
