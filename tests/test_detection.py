@@ -265,6 +265,8 @@ def test_a_targets_trigger_that_moves_other_classes_elsewhere_reveals_missed_tar
     # class 5 goes nowhere (its next level does not exist)
     assert [(a["source"], a["target"], a["trigger_of"]) for a in added] == [(c, c + 1, 1) for c in range(1, 5)]
     assert sorted(triggers) == [1, 2, 3, 4, 5] and trig.sources == [0]
+    # the twins learn from every class the trigger moves (0..4), not only from their one source
+    assert trig.fit_classes == [2, 3, 4] and triggers[2].fit_classes == [0, 3, 4]
     assert all(triggers[t].sources == [t - 1] and torch.equal(triggers[t].tensors["delta"], trig.tensors["delta"]) for t in range(2, 6))
     text = scores_table({"pairs": [], "threshold": 7.0, "added_sources": added})
     assert "target 2 (source 1) added: the trigger of target 1 sends 100% of class 1's clean images there" in text
@@ -383,7 +385,7 @@ def test_bna_detect_files_read_back(tiny: tm.TinyModel, tmp_path: Path) -> None:
     doc2, triggers = read_triggers(tmp_path)
     assert doc2["detected_targets"] == sorted(triggers) == res.detected_targets
     for t, trig in triggers.items():
-        assert trig.sources == res.triggers[t].sources
+        assert trig.sources == res.triggers[t].sources and trig.fit_classes == res.triggers[t].fit_classes
         for name, v in res.triggers[t].tensors.items():
             assert torch.equal(trig.tensors[name], v.float())
         out = trig.module()(x[:3])

@@ -81,6 +81,10 @@ class TargetTrigger:
     asr: float
     size: float
     score: float
+    # other classes whose clean images the trigger moves to some other class (not to this target): the twin
+    # is fitted on these too. An all-to-all trigger sends c to c + 1 for every c: one source class gives a
+    # twin only 50 images to learn from, the trigger's whole domain gives it all of them
+    fit_classes: list[int] = field(default_factory=list)
 
     def module(self) -> Trigger:
         return PairTriggers.export(self.family, {k: v.unsqueeze(0) for k, v in self.tensors.items()}, 0)
@@ -123,7 +127,8 @@ class DetectionResult:
             "threshold": self.threshold,
             "trigger_type": self.trigger_type,
             "triggers": {
-                str(t): {"family": tr.family, "sources": tr.sources, "asr": tr.asr, "size": tr.size, "score": tr.score}
+                str(t): {"family": tr.family, "sources": tr.sources, "asr": tr.asr, "size": tr.size, "score": tr.score,
+                         "fit_classes": tr.fit_classes}
                 for t, tr in sorted(self.triggers.items())
             },
             "eliminated_pairs": self.eliminated,
@@ -297,6 +302,7 @@ def _expand_sources(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers
         tensors = {k: torch.stack([tr.tensors[k] for _, tr in group]).to(x.device) for k in group[0][1].tensors}
         frac = prediction_fractions(model, x, y, num_classes, fam, tensors, cfg.pair).cpu()  # [T, K, K]
         for d, (t, trig) in enumerate(group):
+            revealed: list[int] = []
             for c in sorted(present - set(trig.sources)):  # class t itself may still reveal a target t'
                 dest = int(frac[d, c].argmax())
                 if c != t and float(frac[d, c, t]) >= cfg.expand_sources:
@@ -308,6 +314,7 @@ def _expand_sources(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers
                     trig.sources = sorted(trig.sources + [c])
                     log.info("target %d: its trigger also sends %.0f%% of class %d to it: source added", t, 100 * rate, c)
                 elif dest not in triggers:
+                    revealed.append(dest)
                     triggers[dest] = TargetTrigger(dest, [c], fam, {k: v.clone() for k, v in trig.tensors.items()},
                                                     rate, trig.size, trig.score)
                     log.info("target %d's trigger sends %.0f%% of class %d to %d: %d is a target too, source %d",
@@ -315,6 +322,9 @@ def _expand_sources(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers
                 else:
                     continue
                 added.append({"source": c, "target": dest, "asr": round(rate, 4), "trigger_of": t})
+            moved = [c for c in sorted(present) if 1.0 - float(frac[d, c, c]) >= cfg.expand_sources]
+            for u in [t, *revealed]:  # this target, and those its trigger revealed
+                triggers[u].fit_classes = [c for c in moved if c not in triggers[u].sources and c != u]
     return added
 
 

@@ -50,7 +50,8 @@ def read_triggers(path: Path) -> tuple[dict, dict[int, TargetTrigger]]:
             t = int(key)
             tensors = {k.split(".", 1)[1]: v for k, v in raw.items() if k.split(".", 1)[0] == key}
             triggers[t] = TargetTrigger(t, [int(s) for s in meta["sources"]], meta["family"], tensors,
-                                        float(meta["asr"]), float(meta["size"]), float(meta.get("score", 0.0)))
+                                        float(meta["asr"]), float(meta["size"]), float(meta.get("score", 0.0)),
+                                        [int(c) for c in meta.get("fit_classes", [])])
     return doc, triggers
 
 
