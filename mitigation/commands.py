@@ -116,6 +116,8 @@ def build_bundle(args: argparse.Namespace, model, clean, detection_doc: dict, tr
                                  score=trig.score, divergence_before=fit.divergence_before,
                                  divergence_after=fit.divergence_after))
         also = f" (fitted also on classes {trig.fit_classes}, which its trigger moves elsewhere)" if trig.fit_classes else ""
+        if trig.also:
+            also += f" (on its {trig.family} and {', '.join(sorted(trig.also))} trigger estimates)"
         print(f"twin for target {t}: sources {trig.sources}{also}, mean divergence "
               f"{sum(fit.divergence_before.values()) / len(fit.divergence_before):.4f} -> "
               f"{sum(fit.divergence_after.values()) / len(fit.divergence_after):.4f} in {fit.seconds:.1f} s")

@@ -19,7 +19,8 @@ import torch
 
 import tiny_models as tm
 from mitigation.detection import detect as detect_mod
-from mitigation.detection.detect import DetectionConfig, TargetTrigger, all_pairs, detect_backdoor
+from mitigation.detection.detect import (DetectionConfig, DetectionResult, PairRecord, TargetTrigger, all_pairs,
+                                         detect_backdoor)
 from mitigation.detection.io import read_triggers, scores_table, write_detection
 from mitigation.detection.mad import MAD_CONSISTENCY, mad_scores
 from mitigation.detection.reverse import ReverseConfig, ReverseResult, group_index, reverse_engineer, success_rate
@@ -217,6 +218,24 @@ def test_each_family_is_judged_against_its_own_median(run_planted) -> None:  # n
     rec = next(p for p in res.pairs if (p.source, p.target) == (0, 9))
     assert rec.family == "patch" and set(rec.by_family) == {"patch", "perturbation"}
     assert rec.by_family["patch"]["score"] > 7 > abs(rec.by_family["perturbation"]["score"])
+    assert not res.triggers[9].also  # not anomalous as a perturbation: no second estimate
+
+
+def test_a_target_anomalous_in_both_families_is_estimated_in_both(run_planted) -> None:  # noqa: ANN001
+    pairs = all_pairs(10)
+    patch, pert = _jitter(pairs, 20.0, 7), _jitter(pairs, 1.0, 8)
+    for s in range(9):  # a sinusoid (SIG) is fired by a small patch as well as by a small perturbation
+        patch[(s, 9)] = 3.0
+        if s < 6:
+            pert[(s, 9)] = 0.2
+    res, fake = run_planted({"patch": patch, "perturbation": pert}, trigger_type="both")
+    trig = res.triggers[9]
+    assert res.detected_targets == [9] and trig.family == "patch" and set(trig.also) == {"perturbation"}
+    assert set(trig.also["perturbation"]) == {"delta"}
+    # the joint sources in the other family ride in that family's re-estimate batch: no extra run
+    assert fake.calls == [("patch", 90), ("perturbation", 90), ("patch", 2), ("perturbation", 1)]
+    assert len(trig.variants()) == 1 + 3  # the stamped patch, and the perturbation at three strengths
+    assert res.as_dict()["triggers"]["9"]["also_families"] == ["perturbation"]
 
 
 # ---------------------------------------------------------------- the real optimiser on a tiny model
@@ -391,6 +410,27 @@ def test_bna_detect_files_read_back(tiny: tm.TinyModel, tmp_path: Path) -> None:
         out = trig.module()(x[:3])
         assert out.shape == x[:3].shape and float(out.min()) >= 0 and float(out.max()) <= 1
     assert "flagged" in scores_table(doc)
+
+
+def test_estimates_in_other_families_read_back(tmp_path: Path) -> None:
+    mask, pattern, delta = torch.zeros(1, 6, 6), torch.rand(1, 6, 6), torch.rand(1, 6, 6) * 0.1
+    mask[:, 4:, 4:] = 1
+    trig = TargetTrigger(9, [0, 1], "patch", {"mask": mask, "pattern": pattern}, 0.9, 4.0, 20.0, [2],
+                         {"perturbation": {"delta": delta}})
+    fams = {f: {"statistic": 5.0, "score": 20.0, "asr": 0.9, "size": 4.0} for f in ("patch", "perturbation")}
+    pair = PairRecord(0, 9, "patch", 5.0, 20.0, 0.9, 4.0, True, fams)
+    res = DetectionResult([pair], 7.0, "both", {9: trig}, 1.0, {})
+    write_detection(res, tmp_path)
+    doc, triggers = read_triggers(tmp_path)
+    back = triggers[9]
+    assert back.family == "patch" and back.fit_classes == [2] and torch.equal(back.tensors["mask"], mask)
+    assert set(back.also) == {"perturbation"} and torch.equal(back.also["perturbation"]["delta"], delta)
+    assert (tmp_path / "trigger_target_9.png").stat().st_size > 1000
+    assert "target 9: anomalous in the perturbation family too" in scores_table(doc)
+    doc["triggers"]["9"]["also_families"] = ["perturbation", "warp"]
+    (tmp_path / "detection.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"lacks the target-9 estimates of families \['warp'\]"):
+        read_triggers(tmp_path)
 
 
 def test_read_triggers_says_what_is_missing(tmp_path: Path) -> None:

@@ -85,17 +85,25 @@ class TargetTrigger:
     # is fitted on these too. An all-to-all trigger sends c to c + 1 for every c: one source class gives a
     # twin only 50 images to learn from, the trigger's whole domain gives it all of them
     fit_classes: list[int] = field(default_factory=list)
+    # the same target's trigger estimated in the other families in which its pairs are anomalous too
+    # (family -> tensors). Which family describes the real trigger is then unknown: a sinusoid (SIG) also
+    # has a small patch that fires it, and a patch a small perturbation. The twin is fitted on every one
+    also: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def module(self) -> Trigger:
         return PairTriggers.export(self.family, {k: v.unsqueeze(0) for k, v in self.tensors.items()}, 0)
 
     def variants(self, scales: tuple[float, ...] = (1.0, 2.0, 4.0)) -> list[Trigger]:
-        """What the twin is fitted on. A patch estimate as it is. A perturbation estimate is by
-        construction the *weakest* version of the trigger, and a twin only neutralises triggers up to
-        the strength it was fitted on, so it is used at several strengths."""
-        if self.family == "patch":
-            return [self.module()]
-        return [Additive(self.tensors["delta"] * s) for s in scales]
+        """What the twin is fitted on: this estimate and those of ``also``. A patch estimate as it is. A
+        perturbation estimate is by construction the *weakest* version of the trigger, and a twin only
+        neutralises triggers up to the strength it was fitted on, so it is used at several strengths."""
+        out: list[Trigger] = []
+        for fam, tensors in [(self.family, self.tensors), *sorted(self.also.items())]:
+            if fam == "patch":
+                out.append(PairTriggers.export(fam, {k: v.unsqueeze(0) for k, v in tensors.items()}, 0))
+            else:
+                out += [Additive(tensors["delta"] * s) for s in scales]
+        return out
 
 
 @dataclass
@@ -128,7 +136,7 @@ class DetectionResult:
             "trigger_type": self.trigger_type,
             "triggers": {
                 str(t): {"family": tr.family, "sources": tr.sources, "asr": tr.asr, "size": tr.size, "score": tr.score,
-                         "fit_classes": tr.fit_classes}
+                         "fit_classes": tr.fit_classes, "also_families": sorted(tr.also)}
                 for t, tr in sorted(self.triggers.items())
             },
             "eliminated_pairs": self.eliminated,
@@ -344,6 +352,7 @@ def _estimate_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flagge
     All-to-all false pairs: a target with several sources also has its smallest pair re-estimated alone,
     in the same run and with the same settings; when the joint trigger is much larger than that one, the
     sources do not share a trigger: only the smallest pair is kept, with its own estimate.
+    A target whose pairs are flagged in another family as well is re-estimated there too (``also``).
     """
     if not flagged:
         return {}, []
@@ -353,11 +362,15 @@ def _estimate_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flagge
     plan = {t: sorted(r.source for r in recs) for t, recs in sorted(flagged.items())}
     alone = {t: min(recs, key=lambda r: r.by_family[fams[t]]["size"]).source
              for t, recs in sorted(flagged.items()) if len(recs) > 1}
-    jobs = [(t, srcs) for t, srcs in plan.items()] + [(t, [s]) for t, s in alone.items()]
-    found = _reestimate(model, x, y, jobs, fams, re_cfg)
+    extra = [(t, plan[t], f) for t, recs in sorted(flagged.items()) for f in sorted(recs[0].by_family)
+             if f != fams[t] and any(r.by_family[f]["score"] > cfg.threshold for r in recs)]
+    jobs = ([(t, srcs, fams[t]) for t, srcs in plan.items()] + [(t, [s], fams[t]) for t, s in alone.items()]
+            + extra)
+    found = _reestimate(model, x, y, jobs, re_cfg)
     estimates = dict(zip(plan, found[: len(plan)]))
+    others_found = found[len(plan) + len(alone):]
     eliminated: list[dict[str, Any]] = []
-    for (t, s), single in zip(alone.items(), found[len(plan):]):
+    for (t, s), single in zip(alone.items(), found[len(plan):len(plan) + len(alone)]):
         joint, smallest = estimates[t][1], single[1]
         if joint > cfg.joint_ratio * smallest:
             others = [r for r in plan[t] if r != s]
@@ -379,6 +392,14 @@ def _estimate_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flagge
             size = float(tensors["mask"].sum())
         score = max(r.score for r in flagged[t] if r.source in plan[t])
         triggers[t] = TargetTrigger(t, plan[t], fam, tensors, float(asr), float(size), float(score))
+    for (t, srcs, f), (tensors, _, asr) in zip(extra, others_found):
+        if srcs != plan[t]:  # the all-to-all test removed sources: the joint estimate no longer fits them
+            continue
+        if f == "patch":
+            tensors, asr = _binarise(model, x, group_index(y.cpu(), [srcs]), t, tensors, cfg.binarise_fraction, re_cfg)
+        triggers[t].also[f] = tensors
+        log.info("target %d is anomalous in the %s family too: its twin is fitted on that estimate as well "
+                 "(success %.2f)", t, f, asr)
     return triggers, eliminated
 
 
@@ -395,12 +416,12 @@ def _shared(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: int, fam
     return [r for r, a in zip(sources, asr.tolist()) if a >= cfg.expand_sources]
 
 
-def _reestimate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, jobs: list[tuple[int, list[int]]],
-                fams: dict[int, str], cfg: ReverseConfig) -> list[tuple[dict[str, torch.Tensor], float, float]]:
-    """One trigger per job (target, its sources): tensors, size, success; one batched run per family."""
+def _reestimate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, jobs: list[tuple[int, list[int], str]],
+                cfg: ReverseConfig) -> list[tuple[dict[str, torch.Tensor], float, float]]:
+    """One trigger per job (target, its sources, family): tensors, size, success; one batched run per family."""
     out: list[tuple[dict[str, torch.Tensor], float, float]] = [({}, 0.0, 0.0)] * len(jobs)
-    for fam in sorted({fams[t] for t, _ in jobs}):
-        idx = [i for i, (t, _) in enumerate(jobs) if fams[t] == fam]
+    for fam in sorted({f for _, _, f in jobs}):
+        idx = [i for i, job in enumerate(jobs) if job[2] == fam]
         res = reverse_engineer(model, x, y, [jobs[i][1] for i in idx], [jobs[i][0] for i in idx], fam, cfg,
                                desc=f"re-estimate/{fam}")
         for k, i in enumerate(idx):

@@ -11,12 +11,15 @@ from mitigation.detection.detect import DetectionResult, TargetTrigger
 
 DETECTION_JSON = "detection.json"
 TRIGGERS_FILE = "triggers.safetensors"
+ALSO = "also"  # key "<target>.also.<family>.<name>": the target's estimate in another family
 
 
 def write_detection(result: DetectionResult, out: Path, pictures: bool = True) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"{t}.{k}": v.contiguous().float() for t, tr in result.triggers.items() for k, v in tr.tensors.items()}
+    tensors.update({f"{t}.{ALSO}.{fam}.{k}": v.contiguous().float() for t, tr in result.triggers.items()
+                    for fam, ts in tr.also.items() for k, v in ts.items()})
     doc = result.as_dict()
     if tensors:
         save_file(tensors, str(out / TRIGGERS_FILE))
@@ -48,10 +51,18 @@ def read_triggers(path: Path) -> tuple[dict, dict[int, TargetTrigger]]:
         raw = load_file(str(tfile))
         for key, meta in info.items():
             t = int(key)
-            tensors = {k.split(".", 1)[1]: v for k, v in raw.items() if k.split(".", 1)[0] == key}
+            mine = [k.split(".")[1:] for k in raw if k.split(".", 1)[0] == key]
+            tensors = {p[0]: raw[f"{key}.{p[0]}"] for p in mine if len(p) == 1}
+            also: dict[str, dict[str, torch.Tensor]] = {}
+            for p in mine:
+                if len(p) == 3 and p[0] == ALSO:
+                    also.setdefault(p[1], {})[p[2]] = raw[f"{key}.{ALSO}.{p[1]}.{p[2]}"]
+            missing = set(meta.get("also_families", [])) - set(also)
+            if missing:
+                raise ValueError(f"{tfile} lacks the target-{t} estimates of families {sorted(missing)}")
             triggers[t] = TargetTrigger(t, [int(s) for s in meta["sources"]], meta["family"], tensors,
                                         float(meta["asr"]), float(meta["size"]), float(meta.get("score", 0.0)),
-                                        [int(c) for c in meta.get("fit_classes", [])])
+                                        [int(c) for c in meta.get("fit_classes", [])], also)
     return doc, triggers
 
 
@@ -82,6 +93,10 @@ def scores_table(doc: dict) -> str:
         else:
             lines.append(f"target {a['target']} (source {a['source']}) added: the trigger of target "
                          f"{a['trigger_of']} sends {100 * a['asr']:.0f}% of class {a['source']}'s clean images there")
+    for t, meta in doc.get("triggers", {}).items():
+        if meta.get("also_families"):
+            lines.append(f"target {t}: anomalous in the {', '.join(meta['also_families'])} family too; its twin is "
+                         f"fitted on that estimate as well as on the {meta['family']} one")
     if "statistic" in doc:
         lines.append(f"statistic: {doc['statistic']}, threshold {doc['threshold']}")
     return "\n".join(lines)

@@ -39,21 +39,31 @@ def _img(t: torch.Tensor):  # noqa: ANN202
     return t.permute(1, 2, 0).clamp(0, 1).numpy(), None
 
 
+def _panels(family: str, tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    if family == "patch":
+        return [("mask", tensors["mask"]), ("pattern", tensors["pattern"]),
+                ("mask x pattern", tensors["mask"] * tensors["pattern"])]
+    d = tensors["delta"]
+    return [("perturbation (scaled)", (d - d.min()) / (d.max() - d.min() + 1e-8)), ("|perturbation|", d.abs())]
+
+
 def plot_triggers(result: DetectionResult, out: Path) -> list[str]:
+    """One figure per target: a row per family it was estimated in (the served family first)."""
     names = []
     for t, tr in result.triggers.items():
-        if tr.family == "patch":
-            panels = [("mask", tr.tensors["mask"]), ("pattern", tr.tensors["pattern"]),
-                      ("mask x pattern", tr.tensors["mask"] * tr.tensors["pattern"])]
-        else:
-            d = tr.tensors["delta"]
-            panels = [("perturbation (scaled)", (d - d.min()) / (d.max() - d.min() + 1e-8)), ("|perturbation|", d.abs())]
-        fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
-        for ax, (title, img) in zip(axes, panels):
-            arr, cmap = _img(img)
-            ax.imshow(arr, cmap=cmap, vmin=0, vmax=1 if cmap else None)
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
+        rows = [(tr.family, _panels(tr.family, tr.tensors))]
+        rows += [(fam, _panels(fam, ts)) for fam, ts in sorted(tr.also.items())]
+        cols = max(len(p) for _, p in rows)
+        fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 3.2 * len(rows)), squeeze=False)
+        for r, (fam, panels) in enumerate(rows):
+            for c in range(cols):
+                ax = axes[r][c]
+                ax.axis("off")
+                if c < len(panels):
+                    title, img = panels[c]
+                    arr, cmap = _img(img)
+                    ax.imshow(arr, cmap=cmap, vmin=0, vmax=1 if cmap else None)
+                    ax.set_title(f"{fam}: {title}" if len(rows) > 1 else title, fontsize=9)
         fig.suptitle(f"target {t}: sources {tr.sources}, own ASR {tr.asr:.2f}", fontsize=9)
         fig.tight_layout()
         name = f"trigger_target_{t}.png"
