@@ -35,7 +35,10 @@ def main() -> None:
     ap.add_argument("--mitigate", action="store_true", help="also detect, build the bundle and evaluate")
     ap.add_argument("--clean-per-class", type=int, default=50)
     args = ap.parse_args()
-    rows = []
+    results = Path("bench/results")
+    path = results / f"attack_matrix{_tag(args.clean_per_class)}.json"
+    # rows of runs not asked for this time are kept: each row records the commit it was measured at
+    rows = json.loads(path.read_text()) if path.is_file() else []
     bna = str(Path(sys.executable).parent / "bna")
     for name in args.runs.split(","):
         kind, mode, family, threshold = RUNS[name]
@@ -48,15 +51,26 @@ def main() -> None:
         else:
             wall = None
         m = json.loads((out / "metrics.json").read_text())
-        row = {"run": name, "attack": kind, "mode": mode, **m, "wall_seconds": wall and round(wall, 1)}
+        row = {"run": name, "attack": kind, "mode": mode, "commit": _commit(), **m, "wall_seconds": wall and round(wall, 1)}
         print(f"{name:12s} acc={m['acc']:.3f} asr={m['asr'] if m['asr'] is None else round(m['asr'], 3)} "
               f"sia={m['sia'] if m['sia'] is None else round(m['sia'], 3)} train={m['train_seconds']}s", flush=True)
         if args.mitigate:
             row["mitigation"] = _mitigate(bna, out, family, threshold, args.clean_per_class, args.seed)
-        rows.append(row)
-        results = Path("bench/results")
+        rows = [r for r in rows if r["run"] != name] + [row]
+        rows.sort(key=lambda r: list(RUNS).index(r["run"]) if r["run"] in RUNS else len(RUNS))
         results.mkdir(parents=True, exist_ok=True)
-        (results / f"attack_matrix{_tag(args.clean_per_class)}.json").write_text(json.dumps(rows, indent=2))
+        path.write_text(json.dumps(rows, indent=2))
+
+
+def _commit() -> str | None:
+    """The commit the figures were measured at (with '+dirty' for uncommitted changes); None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _tag(per_class: int) -> str:

@@ -110,14 +110,14 @@ def build_bundle(args: argparse.Namespace, model, clean, detection_doc: dict, tr
     cfg = _bna_config(args)
     twins, entries = [], []
     for t, trig in sorted(triggers.items()):
-        fit = fit_twin(clf, t, x, y, sorted(trig.sources + trig.fit_classes), trig.variants(), cfg)
+        fit = fit_twin(clf, t, x, y, trig.sources, trig.variants(), cfg, aux=trig.fit_classes)
         twins.append(fit.stats)
         entries.append(TwinEntry(target=t, file="", sources=trig.sources, flag_margin=fit.stats.flag_margin,
                                  score=trig.score, divergence_before=fit.divergence_before,
                                  divergence_after=fit.divergence_after))
         also = f" (fitted also on classes {trig.fit_classes}, which its trigger moves elsewhere)" if trig.fit_classes else ""
         if trig.also:
-            also += f" (on its {trig.family} and {', '.join(sorted(trig.also))} trigger estimates)"
+            also += f" (on its own trigger estimate and its {', '.join(sorted(trig.also))} estimates)"
         print(f"twin for target {t}: sources {trig.sources}{also}, mean divergence "
               f"{sum(fit.divergence_before.values()) / len(fit.divergence_before):.4f} -> "
               f"{sum(fit.divergence_after.values()) / len(fit.divergence_after):.4f} in {fit.seconds:.1f} s")

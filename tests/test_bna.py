@@ -217,3 +217,22 @@ def test_twin_on_a_model_with_its_own_layer_names() -> None:
     assert set(fit.stats.running_mean) == {"features.1", "head.2"}
     out = TwinRouter(net, [fit.stats], bn_prefix="")(trigger(x))
     assert len(out) == 90
+
+
+def test_aux_classes_join_the_fit_and_the_sources_are_repeated_to_weigh_as_much(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitigation.bna import optimise
+
+    m = tm.backdoored()
+    x, y = m.data.clean.x, m.data.clean.y
+    aux = [c for c in range(tm.NUM_CLASSES) if c not in (0, tm.TARGET)]
+    seen: list[torch.Tensor] = []
+    real = optimise.embed_round_robin
+    monkeypatch.setattr(optimise, "embed_round_robin", lambda src, t, c: seen.append(src) or real(src, t, c))
+    with tm.one_thread():  # the source and the target in aux are ignored
+        fit_twin(m.classifier, tm.TARGET, x, y, [0], m.trigger, BNAConfig(steps=2, progress=False),
+                 aux=[*aux, 0, tm.TARGET])
+    n_src, n_aux = int((y == 0).sum()), int(torch.isin(y, torch.tensor(aux)).sum())
+    reps = round(n_aux / n_src)
+    assert reps >= 2 and len(seen) == 1 and len(seen[0]) == n_src * reps + n_aux
+    # consecutive copies of one source image: round-robin gives each copy the next variant
+    assert torch.equal(seen[0][:reps], x[y == 0][:1].expand(reps, *x.shape[1:]))

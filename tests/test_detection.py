@@ -23,7 +23,8 @@ from mitigation.detection.detect import (DetectionConfig, DetectionResult, PairR
                                          detect_backdoor)
 from mitigation.detection.io import read_triggers, scores_table, write_detection
 from mitigation.detection.mad import MAD_CONSISTENCY, mad_scores
-from mitigation.detection.reverse import ReverseConfig, ReverseResult, group_index, reverse_engineer, success_rate
+from mitigation.detection.reverse import (ReverseConfig, ReverseResult, group_index, image_targets, reverse_engineer,
+                                          success_rate)
 from mitigation.detection.triggers import PairTriggers
 
 FAST = ReverseConfig(steps=40, images_per_group=4, progress=False)
@@ -235,7 +236,7 @@ def test_a_target_anomalous_in_both_families_is_estimated_in_both(run_planted) -
     # the joint sources in the other family ride in that family's re-estimate batch: no extra run
     assert fake.calls == [("patch", 90), ("perturbation", 90), ("patch", 2), ("perturbation", 1)]
     assert len(trig.variants()) == 1 + 3  # the stamped patch, and the perturbation at three strengths
-    assert res.as_dict()["triggers"]["9"]["also_families"] == ["perturbation"]
+    assert res.as_dict()["triggers"]["9"]["also"] == ["perturbation"]
 
 
 # ---------------------------------------------------------------- the real optimiser on a tiny model
@@ -291,6 +292,48 @@ def test_a_targets_trigger_that_moves_other_classes_elsewhere_reveals_missed_tar
     assert "target 2 (source 1) added: the trigger of target 1 sends 100% of class 1's clean images there" in text
 
 
+def _stamp(pixels: list[int], value: float) -> dict[str, torch.Tensor]:
+    mask = torch.zeros(1, 16)
+    mask[0, pixels] = 1.0
+    return {"mask": mask.view(1, 4, 4), "pattern": torch.full((1, 4, 4), value)}
+
+
+def test_patch_targets_that_fire_each_others_sources_are_fitted_on_the_union_of_their_patches() -> None:
+    k = 8
+    y = torch.arange(k).repeat_interleave(4)
+    x = (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    # two partial estimates of one all-to-all stamp: different pixels, each lifts a class by one level
+    one = TargetTrigger(1, [0], "patch", _stamp([0, 1], 0.8), 1.0, 2.0, 9.0)
+    two = TargetTrigger(2, [1], "patch", _stamp([2, 3], 0.8), 1.0, 2.0, 9.0)
+    far = TargetTrigger(5, [3], "patch", _stamp([8, 9, 10, 11, 12, 13], 0.83), 1.0, 6.0, 9.0)  # lifts by two
+    triggers = {1: one, 2: two, 5: far}
+    detect_mod._share_patches(Staircase(k), x, y, triggers, k, DetectionConfig())
+    assert one.shared_with == [2] and two.shared_with == [1] and not far.also and not far.shared_with
+    union = one.also["shared"]
+    assert torch.equal(union["mask"], _stamp([0, 1, 2, 3], 0.8)["mask"])
+    assert torch.allclose(union["pattern"][0, 0, :4], torch.full((4,), 0.8))
+    assert torch.equal(two.also["shared"]["mask"], union["mask"])
+    assert len(one.variants()) == 2 and len(far.variants()) == 1
+
+
+def test_a_trigger_can_send_each_class_of_its_pool_to_its_own_target() -> None:
+    k = 6
+    y = torch.arange(k).repeat_interleave(4)
+    x = (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    mapping = torch.tensor([[1, 2, 3, 4, 5, 0]])  # c -> c + 1: one trigger for all of them
+    idx = torch.tensor([[0, 5, 9, 13]])
+    assert image_targets(mapping, idx, y).tolist() == [[1, 2, 3, 4]]
+    assert image_targets(torch.tensor([3]), idx, y).tolist() == [[3, 3, 3, 3]]
+    cfg = ReverseConfig(steps=150, images_per_group=8, progress=False)
+    res = reverse_engineer(Staircase(k), x, y, [[0, 1, 2, 3]], mapping, "perturbation", cfg)
+    assert float(res.asr[0]) >= cfg.success_threshold
+    assert 0.04 < float(res.tensors["delta"].mean()) < 0.15  # the shared trigger: about +0.1 everywhere
+    index = group_index(y, [[0, 1, 2, 3]])
+    assert float(success_rate(Staircase(k), x, index, mapping, "perturbation", res.tensors, cfg, y)[0]) >= 0.9
+    with pytest.raises(ValueError, match="per-class targets need the labels"):
+        success_rate(Staircase(k), x, index, mapping, "perturbation", res.tensors, cfg)
+
+
 def test_sources_on_which_the_smallest_pairs_trigger_works_are_not_eliminated(tiny: tm.TinyModel) -> None:
     x, y = tiny.data.clean.x, tiny.data.clean.y
     true = {"mask": tiny.trigger.mask, "pattern": tiny.trigger.pattern}
@@ -340,7 +383,7 @@ def test_calibration_scales_a_perturbation_until_it_succeeds_on_the_whole_pool()
     cfg = ReverseConfig(calibrate_scales=(1.25, 1.5, 2.0, 4.0))
     asr = success_rate(Brightness(), x, index, torch.tensor([1]), "perturbation", delta, cfg)
     assert float(asr) < 0.5
-    out, asr2 = _calibrate(Brightness(), x, index, torch.tensor([1]), delta, asr, cfg)
+    out, asr2 = _calibrate(Brightness(), x, torch.zeros(20, dtype=torch.long), index, torch.tensor([1]), delta, asr, cfg)
     assert torch.allclose(out["delta"], 2.0 * delta["delta"])  # 1.25 and 1.5 are not enough; 2 is the first
     assert float(asr2) >= cfg.success_threshold
 
@@ -427,9 +470,9 @@ def test_estimates_in_other_families_read_back(tmp_path: Path) -> None:
     assert set(back.also) == {"perturbation"} and torch.equal(back.also["perturbation"]["delta"], delta)
     assert (tmp_path / "trigger_target_9.png").stat().st_size > 1000
     assert "target 9: anomalous in the perturbation family too" in scores_table(doc)
-    doc["triggers"]["9"]["also_families"] = ["perturbation", "warp"]
+    doc["triggers"]["9"]["also"] = ["perturbation", "warp"]
     (tmp_path / "detection.json").write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match=r"lacks the target-9 estimates of families \['warp'\]"):
+    with pytest.raises(ValueError, match=r"lacks the target-9 trigger estimates \['warp'\]"):
         read_triggers(tmp_path)
 
 

@@ -42,6 +42,13 @@ class DetectionConfig:
     # to t (None: off). An all-to-one backdoor's trigger works on every class, also on the sources whose
     # pair stayed under the threshold; a natural or all-to-all pair's trigger does not transfer.
     expand_sources: float | None = 0.5
+    # a target whose trigger also moves other classes elsewhere (``TargetTrigger.fit_classes``: an
+    # all-to-all backdoor) has its trigger re-fitted on that whole domain, each class towards where the
+    # trigger sends it: one source class gives the estimate 50 images to learn from, the domain all of them
+    domain_refit: bool = True
+    # patch targets whose triggers also work on each other's sources share one stamp: each twin is also fitted
+    # on the union of their estimates (``TargetTrigger.also["shared"]``)
+    shared_patch: bool = True
     # trigger transfer: a reverse-engineered trigger is only an upper bound on its pair's smallest trigger,
     # and so is any other pair's trigger that works there. Each flagged pair's trigger is stamped on every
     # class's clean images; where it sends at least this fraction of class c to one class t', the pair
@@ -85,10 +92,15 @@ class TargetTrigger:
     # is fitted on these too. An all-to-all trigger sends c to c + 1 for every c: one source class gives a
     # twin only 50 images to learn from, the trigger's whole domain gives it all of them
     fit_classes: list[int] = field(default_factory=list)
-    # the same target's trigger estimated in the other families in which its pairs are anomalous too
-    # (family -> tensors). Which family describes the real trigger is then unknown: a sinusoid (SIG) also
-    # has a small patch that fires it, and a patch a small perturbation. The twin is fitted on every one
+    # more estimates of this target's trigger, by name; the twin is fitted on every one:
+    # - "patch" / "perturbation": the estimate in another family in which its pairs are anomalous too. Which
+    #   family describes the real trigger is then unknown: a sinusoid (SIG) also has a small patch that
+    #   fires it, and a patch a small perturbation;
+    # - "shared": the union of this patch and those of the other targets whose triggers also send S(t) to t.
+    #   An all-to-all backdoor's targets share one stamp, and each estimate holds a different few of its
+    #   pixels (a minimal trigger is the weakest version of the real one); together they hold most of them
     also: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    shared_with: list[int] = field(default_factory=list)
 
     def module(self) -> Trigger:
         return PairTriggers.export(self.family, {k: v.unsqueeze(0) for k, v in self.tensors.items()}, 0)
@@ -98,7 +110,8 @@ class TargetTrigger:
         perturbation estimate is by construction the *weakest* version of the trigger, and a twin only
         neutralises triggers up to the strength it was fitted on, so it is used at several strengths."""
         out: list[Trigger] = []
-        for fam, tensors in [(self.family, self.tensors), *sorted(self.also.items())]:
+        for tensors in [self.tensors, *(v for _, v in sorted(self.also.items()))]:
+            fam = "patch" if "mask" in tensors else "perturbation"
             if fam == "patch":
                 out.append(PairTriggers.export(fam, {k: v.unsqueeze(0) for k, v in tensors.items()}, 0))
             else:
@@ -118,6 +131,7 @@ class DetectionResult:
     added_sources: list[dict[str, Any]] = field(default_factory=list)
     statistic: str = "plain"
     transferred: list[dict[str, Any]] = field(default_factory=list)
+    refitted: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def detected_targets(self) -> list[int]:
@@ -136,12 +150,13 @@ class DetectionResult:
             "trigger_type": self.trigger_type,
             "triggers": {
                 str(t): {"family": tr.family, "sources": tr.sources, "asr": tr.asr, "size": tr.size, "score": tr.score,
-                         "fit_classes": tr.fit_classes, "also_families": sorted(tr.also)}
+                         "fit_classes": tr.fit_classes, "also": sorted(tr.also), "shared_with": tr.shared_with}
                 for t, tr in sorted(self.triggers.items())
             },
             "eliminated_pairs": self.eliminated,
             "added_sources": self.added_sources,
             "transferred": self.transferred,
+            "refitted_on_domain": self.refitted,
             "statistic": self.statistic,
             "seconds": round(self.seconds, 2),
             "timings": {k: round(v, 2) for k, v in self.timings.items()},
@@ -182,15 +197,19 @@ def _families(trigger_type: str) -> tuple[str, ...]:
     return (trigger_type,)
 
 
-def _binarise(model: nn.Module, x: torch.Tensor, index: torch.Tensor, target: int, tensors: dict[str, torch.Tensor],
-              frac: float, cfg: ReverseConfig) -> tuple[dict[str, torch.Tensor], float]:
-    """A solid stamped patch: mask -> 1 where it exceeds ``frac`` of its maximum. Kept only if no weaker."""
+def _binarise(model: nn.Module, x: torch.Tensor, index: torch.Tensor, target: int | torch.Tensor,
+              tensors: dict[str, torch.Tensor], frac: float, cfg: ReverseConfig,
+              y: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """A solid stamped patch: mask -> 1 where it exceeds ``frac`` of its maximum. Kept only if no weaker.
+    ``target``: a class, or a per-class mapping [1, K] (with the labels ``y``)."""
     mask = tensors["mask"]
     hard = (mask > frac * mask.max()).float()
     cand = {"mask": hard, "pattern": tensors["pattern"]}
-    tgt = torch.tensor([target])
-    asr_soft = float(success_rate(model, x, index, tgt, "patch", {k: v.unsqueeze(0) for k, v in tensors.items()}, cfg)[0])
-    asr_hard = float(success_rate(model, x, index, tgt, "patch", {k: v.unsqueeze(0) for k, v in cand.items()}, cfg)[0])
+    tgt = torch.tensor([target]) if isinstance(target, int) else target
+    asr_soft = float(success_rate(model, x, index, tgt, "patch", {k: v.unsqueeze(0) for k, v in tensors.items()}, cfg,
+                                  y)[0])
+    asr_hard = float(success_rate(model, x, index, tgt, "patch", {k: v.unsqueeze(0) for k, v in cand.items()}, cfg,
+                                  y)[0])
     return (cand, asr_hard) if asr_hard >= asr_soft else (tensors, asr_soft)
 
 
@@ -241,13 +260,16 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     t = time.perf_counter()
     triggers, eliminated = _estimate_targets(model, x, y, flagged, cfg)
     added = _expand_sources(model, x, y, triggers, num_classes, cfg) if cfg.expand_sources is not None else []
+    refitted = _refit_on_domain(model, x, y, triggers, num_classes, cfg) if cfg.domain_refit else []
+    if cfg.shared_patch and cfg.expand_sources is not None:
+        _share_patches(model, x, y, triggers, num_classes, cfg)
     timings["reestimate"] = time.perf_counter() - t
     for e in eliminated:
         for r in records:
             if r.source == e["source"] and r.target == e["target"]:
                 r.flagged = False
     return DetectionResult(records, cfg.threshold, cfg.trigger_type, triggers, time.perf_counter() - t0, timings,
-                           eliminated, added, resolve_statistic(cfg.statistic, num_classes), transferred)
+                           eliminated, added, resolve_statistic(cfg.statistic, num_classes), transferred, refitted)
 
 
 def _transfer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, res: ReverseResult, pairs: list[tuple[int, int]],
@@ -336,6 +358,87 @@ def _expand_sources(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers
     return added
 
 
+def _reestimate_config(cfg: DetectionConfig) -> ReverseConfig:
+    return ReverseConfig(**{**cfg.pair.__dict__, "steps": cfg.reestimate_steps,
+                            "images_per_group": cfg.reestimate_images, "calibrate_scales": cfg.reestimate_scales})
+
+
+def _refit_on_domain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: dict[int, TargetTrigger],
+                     num_classes: int, cfg: DetectionConfig) -> list[dict[str, Any]]:
+    """Re-fit each target's trigger that moves other classes too (``fit_classes``) on its whole domain.
+
+    A trigger estimated from one source class (an all-to-all pair: 50 images) is a partial copy of the
+    real one, a few of its pixels. Where it sends its sources to t and each fit class c to some d(c), one
+    trigger is fitted to do all of that at once, on every image of the domain (batched over targets, one
+    run per family); the real trigger is what does. It replaces the estimate when it works on S(t) as
+    well (or at the success threshold). What was re-fitted, for the record.
+    """
+    todo = [(t, tr) for t, tr in sorted(triggers.items()) if tr.fit_classes]
+    if not todo:
+        return []
+    re_cfg = _reestimate_config(cfg)
+    diag = torch.arange(num_classes)
+    done: list[dict[str, Any]] = []
+    for fam in sorted({tr.family for _, tr in todo}):
+        group = [(t, tr) for t, tr in todo if tr.family == fam]
+        tensors = {k: torch.stack([tr.tensors[k] for _, tr in group]).to(x.device) for k in group[0][1].tensors}
+        frac = prediction_fractions(model, x, y, num_classes, fam, tensors, cfg.pair).cpu()  # [T, K, K]
+        frac[:, diag, diag] = 0.0
+        mapping = frac.argmax(dim=2)  # [T, K]: where each trigger sends each class
+        for d, (t, tr) in enumerate(group):
+            mapping[d, tr.sources] = t
+        domains = [sorted(tr.sources + tr.fit_classes) for _, tr in group]
+        res = reverse_engineer(model, x, y, domains, mapping, fam, re_cfg, desc=f"domain/{fam}")
+        own_index = group_index(y.cpu(), [tr.sources for _, tr in group])
+        for d, (t, tr) in enumerate(group):
+            new = {k: v[d] for k, v in res.tensors.items()}
+            size, asr = float(res.size[d]), float(res.asr[d])
+            if fam == "patch":
+                new, asr = _binarise(model, x, group_index(y.cpu(), [domains[d]]), mapping[d : d + 1], new,
+                                     cfg.binarise_fraction, re_cfg, y)
+                size = float(new["mask"].sum())
+            own = float(success_rate(model, x, own_index[d : d + 1], torch.tensor([t]), fam,
+                                     {k: v.unsqueeze(0) for k, v in new.items()}, cfg.pair)[0])
+            kept = bool(own >= min(tr.asr, re_cfg.success_threshold) and asr >= 0.5)
+            log.info("target %d: trigger re-fitted on its domain %s (success %.2f there, %.2f on S(t) against %.2f, "
+                     "size %.2f against %.2f): %s", t, domains[d], asr, own, tr.asr, size, tr.size,
+                     "kept" if kept else "not kept")
+            done.append({"target": t, "domain": domains[d], "domain_asr": round(asr, 4), "asr": round(own, 4),
+                         "asr_before": round(tr.asr, 4), "size": size, "size_before": tr.size, "kept": kept})
+            if kept:
+                tr.tensors, tr.asr, tr.size = {k: v.cpu() for k, v in new.items()}, own, size
+    return done
+
+
+def _share_patches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: dict[int, TargetTrigger],
+                   num_classes: int, cfg: DetectionConfig) -> None:
+    """Give each patch target whose sources the other targets' patches also send to it the union of those
+    patches (mask: the maximum; pattern: the mask-weighted mean), as ``also["shared"]``."""
+    assert cfg.expand_sources is not None
+    group = [(t, tr) for t, tr in sorted(triggers.items()) if tr.family == "patch"]
+    if len(group) < 2:
+        return
+    masks = torch.stack([tr.tensors["mask"] for _, tr in group]).to(x.device)
+    patterns = torch.stack([tr.tensors["pattern"] for _, tr in group]).to(x.device)
+    frac = prediction_fractions(model, x, y, num_classes, "patch", {"mask": masks, "pattern": patterns},
+                                cfg.pair).cpu()  # [T, K, K]
+    masks, patterns = masks.cpu(), patterns.cpu()
+    for d, (t, tr) in enumerate(group):
+        works = frac[:, tr.sources, t].mean(dim=1) >= cfg.expand_sources  # [T]: which patches fire S(t) -> t
+        works[d] = True
+        kin = [u for (u, _), w in zip(group, works.tolist()) if w and u != t]
+        if not kin:
+            continue
+        m, p = masks[works], patterns[works]
+        mask = m.amax(dim=0)
+        pattern = (m * p).sum(dim=0) / m.sum(dim=0).clamp(min=1e-6)
+        pattern = torch.where(mask > 0, pattern, tr.tensors["pattern"])
+        tr.also["shared"] = {"mask": mask, "pattern": pattern}
+        tr.shared_with = kin
+        log.info("target %d: the patches of targets %s also send its sources to it: its twin is fitted on their "
+                 "union too (%d pixels, its own %d)", t, kin, int((mask > 0).sum()), int((tr.tensors["mask"] > 0).sum()))
+
+
 def _family_of(recs: list[PairRecord]) -> str:
     """The family in which this target's pairs are most anomalous."""
     totals: dict[str, float] = {}
@@ -356,8 +459,7 @@ def _estimate_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flagge
     """
     if not flagged:
         return {}, []
-    re_cfg = ReverseConfig(**{**cfg.pair.__dict__, "steps": cfg.reestimate_steps,
-                              "images_per_group": cfg.reestimate_images, "calibrate_scales": cfg.reestimate_scales})
+    re_cfg = _reestimate_config(cfg)
     fams = {t: _family_of(recs) for t, recs in flagged.items()}
     plan = {t: sorted(r.source for r in recs) for t, recs in sorted(flagged.items())}
     alone = {t: min(recs, key=lambda r: r.by_family[fams[t]]["size"]).source

@@ -11,7 +11,7 @@ from mitigation.detection.detect import DetectionResult, TargetTrigger
 
 DETECTION_JSON = "detection.json"
 TRIGGERS_FILE = "triggers.safetensors"
-ALSO = "also"  # key "<target>.also.<family>.<name>": the target's estimate in another family
+ALSO = "also"  # key "<target>.also.<variant>.<tensor>": TargetTrigger.also
 
 
 def write_detection(result: DetectionResult, out: Path, pictures: bool = True) -> Path:
@@ -57,12 +57,13 @@ def read_triggers(path: Path) -> tuple[dict, dict[int, TargetTrigger]]:
             for p in mine:
                 if len(p) == 3 and p[0] == ALSO:
                     also.setdefault(p[1], {})[p[2]] = raw[f"{key}.{ALSO}.{p[1]}.{p[2]}"]
-            missing = set(meta.get("also_families", [])) - set(also)
+            missing = set(meta.get("also", [])) - set(also)
             if missing:
-                raise ValueError(f"{tfile} lacks the target-{t} estimates of families {sorted(missing)}")
+                raise ValueError(f"{tfile} lacks the target-{t} trigger estimates {sorted(missing)}")
             triggers[t] = TargetTrigger(t, [int(s) for s in meta["sources"]], meta["family"], tensors,
                                         float(meta["asr"]), float(meta["size"]), float(meta.get("score", 0.0)),
-                                        [int(c) for c in meta.get("fit_classes", [])], also)
+                                        [int(c) for c in meta.get("fit_classes", [])], also,
+                                        [int(u) for u in meta.get("shared_with", [])])
     return doc, triggers
 
 
@@ -94,9 +95,13 @@ def scores_table(doc: dict) -> str:
             lines.append(f"target {a['target']} (source {a['source']}) added: the trigger of target "
                          f"{a['trigger_of']} sends {100 * a['asr']:.0f}% of class {a['source']}'s clean images there")
     for t, meta in doc.get("triggers", {}).items():
-        if meta.get("also_families"):
-            lines.append(f"target {t}: anomalous in the {', '.join(meta['also_families'])} family too; its twin is "
+        fams = [f for f in meta.get("also", []) if f != "shared"]
+        if fams:
+            lines.append(f"target {t}: anomalous in the {', '.join(fams)} family too; its twin is "
                          f"fitted on that estimate as well as on the {meta['family']} one")
+        if "shared" in meta.get("also", []):
+            lines.append(f"target {t}: the patches of targets {meta.get('shared_with', [])} also fire its sources; "
+                         f"its twin is fitted on their union too")
     if "statistic" in doc:
         lines.append(f"statistic: {doc['statistic']}, threshold {doc['threshold']}")
     return "\n".join(lines)

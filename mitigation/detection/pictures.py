@@ -48,11 +48,11 @@ def _panels(family: str, tensors: dict[str, torch.Tensor]) -> list[tuple[str, to
 
 
 def plot_triggers(result: DetectionResult, out: Path) -> list[str]:
-    """One figure per target: a row per family it was estimated in (the served family first)."""
+    """One figure per target: a row per estimate (its own first, then those of ``also``)."""
     names = []
     for t, tr in result.triggers.items():
         rows = [(tr.family, _panels(tr.family, tr.tensors))]
-        rows += [(fam, _panels(fam, ts)) for fam, ts in sorted(tr.also.items())]
+        rows += [(name, _panels("patch" if "mask" in ts else "perturbation", ts)) for name, ts in sorted(tr.also.items())]
         cols = max(len(p) for _, p in rows)
         fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 3.2 * len(rows)), squeeze=False)
         for r, (fam, panels) in enumerate(rows):

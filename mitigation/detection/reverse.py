@@ -60,8 +60,18 @@ def group_index(y: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
     return torch.stack([p.repeat((length + p.numel() - 1) // p.numel())[:length] for p in pools])
 
 
-def _run_chunk(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, family: str,
-               cfg: ReverseConfig, g: torch.Generator, bar: tqdm) -> ReverseResult:
+def image_targets(targets: torch.Tensor, idx: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """[G, B] target of every image ``idx[g, b]``: ``targets[g]`` ([G]), or ``targets[g, y[idx]]`` when
+    ``targets`` is a per-class mapping [G, K] (one trigger that sends each class somewhere else: all-to-all)."""
+    if targets.dim() == 1:
+        return targets.to(idx.device).unsqueeze(1).expand(idx.shape)
+    if y is None:
+        raise ValueError("per-class targets need the labels y")
+    return targets.to(idx.device).gather(1, y.to(idx.device)[idx])
+
+
+def _run_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
+               family: str, cfg: ReverseConfig, g: torch.Generator, bar: tqdm) -> ReverseResult:
     device = x.device
     n_groups, length = index.shape
     b = min(cfg.images_per_group, length)
@@ -77,10 +87,11 @@ def _run_chunk(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets: 
     # each group walks its own random permutation of its pool
     order = torch.rand(n_groups, length, generator=g).argsort(dim=1).to(device)
     rows = torch.arange(n_groups, device=device).unsqueeze(1)
-    tgt_rep = targets.to(device).repeat_interleave(b)
     for step in range(cfg.steps):
         cols = (torch.arange(b, device=device) + step * b) % length
-        xb = x[index.to(device)[rows, order[:, cols]]]  # [G, B, C, H, W]
+        idx = index.to(device)[rows, order[:, cols]]  # [G, B]
+        xb = x[idx]  # [G, B, C, H, W]
+        tgt_rep = image_targets(targets, idx, y).flatten()
         xt = trig.embed(xb)
         logits = model(xt.flatten(0, 1))
         ce = F.cross_entropy(logits, tgt_rep, reduction="none").view(n_groups, b).mean(1)
@@ -88,16 +99,16 @@ def _run_chunk(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets: 
         loss = (ce + lam * size_n).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        before = trig.snapshot()  # the trigger that the success below is measured on
         opt.step()
         with torch.no_grad():
             succ = (logits.argmax(1) == tgt_rep).float().view(n_groups, b).mean(1)
             ok = succ >= cfg.success_threshold
-            size = trig.size()
+            size = _size_of(family, before).to(device)
             better = ok & (size < best_size)
             if better.any():
-                snap = trig.snapshot()
                 for k in best:
-                    best[k][better] = snap[k][better]
+                    best[k][better] = before[k][better]
                 best_size = torch.where(better, size, best_size)
             newly = ok & ~started
             lam = torch.where(newly, torch.full_like(lam, cfg.init_lambda), lam)
@@ -117,16 +128,16 @@ def _run_chunk(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets: 
         snap = trig.snapshot()
         for k in best:
             best[k][never] = snap[k][never]
-    asr = success_rate(model, x, index, targets, family, best, cfg)
+    asr = success_rate(model, x, index, targets, family, best, cfg, y)
     if family == "perturbation" and cfg.calibrate_scales:
-        best, asr = _calibrate(model, x, index, targets, best, asr, cfg)
+        best, asr = _calibrate(model, x, y, index, targets, best, asr, cfg)
     size = _size_of(family, best)
     # a trigger that does not really succeed on the whole pool is not a small trigger
     size = torch.where(asr >= 0.5, size, torch.full_like(size, float("inf")))
     return ReverseResult(family, size.cpu(), asr.cpu(), {k: v.cpu() for k, v in best.items()})
 
 
-def _calibrate(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
+def _calibrate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
                best: dict[str, torch.Tensor], asr: torch.Tensor, cfg: ReverseConfig
                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Scale each group's perturbation by the smallest factor that reaches ``success_threshold`` on its pool."""
@@ -136,7 +147,7 @@ def _calibrate(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets: 
     for factor in sorted(f for f in cfg.calibrate_scales if f > 1.0):
         if bool(done.all()):
             break
-        a = success_rate(model, x, index, targets, "perturbation", {"delta": delta * factor}, cfg)
+        a = success_rate(model, x, index, targets, "perturbation", {"delta": delta * factor}, cfg, y)
         take = ~done & (a >= cfg.success_threshold)
         scale = torch.where(take, torch.full_like(scale, factor), scale)
         asr = torch.where(take, a, asr)
@@ -177,8 +188,9 @@ def _size_of(family: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def success_rate(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, family: str,
-                 tensors: dict[str, torch.Tensor], cfg: ReverseConfig) -> torch.Tensor:
-    """Attack success of each group's trigger on every image of its pool (batched, chunked)."""
+                 tensors: dict[str, torch.Tensor], cfg: ReverseConfig, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Attack success of each group's trigger on every image of its pool (batched, chunked). ``targets``:
+    [G], or a per-class mapping [G, K] (then ``y`` gives each image's class)."""
     device = x.device
     n_groups, length = index.shape
     hits = torch.zeros(n_groups, device=device)
@@ -186,13 +198,16 @@ def success_rate(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets
     for start in range(0, length, cols_per_pass):
         idx = index[:, start : start + cols_per_pass].to(device)
         pred = model(embed(family, tensors, x[idx]).flatten(0, 1)).argmax(1).view(n_groups, -1)
-        hits += (pred == targets.to(device).unsqueeze(1)).float().sum(1)
+        hits += (pred == image_targets(targets, idx, y)).float().sum(1)
     return hits / length
 
 
 def reverse_engineer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups: list[list[int]],
-                     targets: list[int], family: str, cfg: ReverseConfig, desc: str = "reverse") -> ReverseResult:
+                     targets: list[int] | torch.Tensor, family: str, cfg: ReverseConfig,
+                     desc: str = "reverse") -> ReverseResult:
     """Reverse-engineer one trigger per group (sources ``groups[i]`` -> ``targets[i]``), batched.
+
+    ``targets`` may also be a per-class mapping [G, K]: group i's images of class c go to ``targets[i, c]``.
 
     Groups are processed in chunks so that one pass holds at most ``max_images_per_pass`` images.
     """
@@ -200,14 +215,15 @@ def reverse_engineer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups:
         p.requires_grad_(False)
     model.eval()
     index = group_index(y.cpu(), groups)
-    tgt = torch.tensor(targets, dtype=torch.long)
+    tgt = torch.as_tensor(targets, dtype=torch.long)
     per_chunk = max(1, cfg.max_images_per_pass // max(1, min(cfg.images_per_group, index.shape[1])))
     g = torch.Generator().manual_seed(cfg.seed)
     n_chunks = (len(groups) + per_chunk - 1) // per_chunk
     results = []
     with tqdm(total=cfg.steps * n_chunks, desc=desc, unit="step", disable=not cfg.progress) as bar:
         for s in range(0, len(groups), per_chunk):
-            results.append(_run_chunk(model, x, index[s : s + per_chunk], tgt[s : s + per_chunk], family, cfg, g, bar))
+            results.append(_run_chunk(model, x, y, index[s : s + per_chunk], tgt[s : s + per_chunk], family, cfg, g,
+                                      bar))
     return ReverseResult(
         family,
         torch.cat([r.size for r in results]),
