@@ -103,6 +103,7 @@ def _mitigate(bna: str, model: Path, family: str, threshold: float, per_class: i
         "detection_timings": det["timings"], "mitigate_wall_seconds": round(mitigate_s, 1),
         "vanilla": ev["vanilla"], "mitigated": ev["mitigated"], "trigger_detection": ev.get("trigger_detection"),
         "der": ev.get("der"), "outputs_identical_to_f_on_clean": ev.get("outputs_identical_to_f_on_clean"),
+        "per_source_class": ev.get("per_source_class"),
     }
     m, v = ev["mitigated"], ev["vanilla"]
     print(f"  detected {det['detected_targets']} sources {det['sources']} | ACC {v['acc']:.3f}->{m['acc']:.3f} "

@@ -30,6 +30,19 @@ def der(vanilla: dict[str, Any], mitigated: dict[str, Any]) -> float | None:
     return (max(0.0, d_asr) - max(0.0, d_acc) + 1) / 2
 
 
+def _per_source_class(y: torch.Tensor, target: torch.Tensor, f_pred: torch.Tensor, routed: torch.Tensor
+                      ) -> list[dict[str, Any]]:
+    """ASR of f and of the gateway, and the gateway's SIA, per true class of the triggered images."""
+    out = []
+    for c in y.unique().tolist():
+        m = y == c
+        out.append({"class": int(c), "targets": sorted(set(target[m].tolist())), "n": int(m.sum()),
+                    "f_asr": round(float((f_pred[m] == target[m]).float().mean()), 4),
+                    "asr": round(float((routed[m] == target[m]).float().mean()), 4),
+                    "sia": round(float((routed[m] == c).float().mean()), 4)})
+    return out
+
+
 @dataclass
 class Evaluation:
     doc: dict[str, Any]
@@ -64,6 +77,8 @@ def evaluate_bundle(bundle: LoadedBundle, attack: AttackSpec, test: ImageSet) ->
     fpr = float(routed_clean.trigger_detected[clean_of_targets].float().mean()) if clean_of_targets.any() else 0.0
     tpr = float(routed_trig.trigger_detected.float().mean()) if routed_trig is not None and len(routed_trig) else None
     true_targets = sorted(set(attack.target_of(y[victims], k).tolist())) if attack.kind != "none" else []
+    per_class = _per_source_class(y[victims], attack.target_of(y[victims], k), van_trig, routed_trig.label) \
+        if routed_trig is not None and van_trig is not None else []
     return {
         "vanilla": vanilla,
         "mitigated": mitigated,
@@ -72,6 +87,7 @@ def evaluate_bundle(bundle: LoadedBundle, attack: AttackSpec, test: ImageSet) ->
         "detected_targets": targets,
         "true_targets": true_targets,
         "der": der(vanilla, mitigated),
+        "per_source_class": per_class,
         "outputs_identical_to_f_on_clean": bool((routed_clean.label == van_clean).all()),
         "attack": attack.model_dump(),
         "n_test": len(y),

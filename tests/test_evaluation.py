@@ -1,0 +1,48 @@
+"""`bna evaluate`'s figures on the tiny BadNet model: overall, per source class, DER, clean identity."""
+from __future__ import annotations
+
+import pytest
+
+import tiny_models as tm
+from mitigation.bna import BNAConfig, fit_twin
+from mitigation.evaluation import der, evaluate_bundle
+from models.bundle import DetectionSummary, LoadedBundle, Manifest
+
+
+def _bundle(m: tm.TinyModel, twins: list) -> LoadedBundle:  # noqa: ANN001
+    manifest = Manifest(model=tm.SPEC, detection=DetectionSummary(detected_targets=[t.target for t in twins]))
+    return LoadedBundle(manifest, m.classifier, twins)
+
+
+@pytest.fixture(scope="module")
+def mitigated() -> dict:
+    m = tm.backdoored()
+    x, y = m.data.clean.x, m.data.clean.y
+    sources = [c for c in range(tm.NUM_CLASSES) if c != tm.TARGET]
+    with tm.one_thread():
+        fit = fit_twin(m.classifier, tm.TARGET, x, y, sources, m.trigger, BNAConfig(steps=30, progress=False))
+        return evaluate_bundle(_bundle(m, [fit.stats]), m.attack, m.data.test)
+
+
+def test_the_gateway_removes_the_backdoor_and_says_so_per_source_class(mitigated: dict) -> None:
+    v, g = mitigated["vanilla"], mitigated["mitigated"]
+    assert v["asr"] >= 0.9 and g["asr"] <= 0.1 and g["sia"] >= 0.85 and g["acc"] >= v["acc"] - 0.03
+    assert mitigated["der"] == pytest.approx(der(v, g))
+    rows = mitigated["per_source_class"]
+    assert [r["class"] for r in rows] == [c for c in range(tm.NUM_CLASSES) if c != tm.TARGET]
+    assert all(r["targets"] == [tm.TARGET] and r["f_asr"] >= 0.8 and r["asr"] <= r["f_asr"] for r in rows)
+    n = sum(r["n"] for r in rows)
+    assert n == mitigated["n_triggered"]
+    assert sum(r["asr"] * r["n"] for r in rows) / n == pytest.approx(g["asr"], abs=1e-3)
+    assert sum(r["sia"] * r["n"] for r in rows) / n == pytest.approx(g["sia"], abs=1e-3)
+    assert mitigated["trigger_detection"]["tpr"] >= 0.85 and mitigated["true_targets"] == [tm.TARGET]
+
+
+def test_without_twins_the_gateway_is_f() -> None:
+    m = tm.backdoored()
+    with tm.one_thread():
+        doc = evaluate_bundle(_bundle(m, []), m.attack, m.data.test)
+    assert doc["outputs_identical_to_f_on_clean"] and doc["detected_targets"] == []
+    assert doc["mitigated"] == doc["vanilla"]
+    assert all(r["asr"] == r["f_asr"] for r in doc["per_source_class"])
+    assert doc["trigger_detection"]["tpr"] == 0.0 and doc["trigger_detection"]["fpr"] == 0.0
