@@ -324,7 +324,8 @@ def test_a_trigger_can_send_each_class_of_its_pool_to_its_own_target() -> None:
     idx = torch.tensor([[0, 5, 9, 13]])
     assert image_targets(mapping, idx, y).tolist() == [[1, 2, 3, 4]]
     assert image_targets(torch.tensor([3]), idx, y).tolist() == [[3, 3, 3, 3]]
-    cfg = ReverseConfig(steps=150, images_per_group=8, progress=False)
+    # no size penalty (lambda 0): the trigger moves into the success region and stays there
+    cfg = ReverseConfig(steps=60, images_per_group=8, init_lambda=0.0, progress=False)
     res = reverse_engineer(Staircase(k), x, y, [[0, 1, 2, 3]], mapping, "perturbation", cfg)
     assert float(res.asr[0]) >= cfg.success_threshold
     assert 0.04 < float(res.tensors["delta"].mean()) < 0.15  # the shared trigger: about +0.1 everywhere

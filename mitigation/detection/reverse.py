@@ -99,16 +99,20 @@ def _run_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.
         loss = (ce + lam * size_n).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        before = trig.snapshot()  # the trigger that the success below is measured on
         opt.step()
         with torch.no_grad():
+            # success is measured on the trigger before this step, and the one kept is the trigger after it
+            # (Neural Cleanse's order). Keeping the measured one instead is exact, but it moves the pair stage:
+            # on the chessboard model 4 of the 9 true pairs then stayed under the threshold. Whichever is kept,
+            # its success on the whole pool is checked below (``asr``), and a failing one has no size.
             succ = (logits.argmax(1) == tgt_rep).float().view(n_groups, b).mean(1)
             ok = succ >= cfg.success_threshold
-            size = _size_of(family, before).to(device)
+            size = trig.size()
             better = ok & (size < best_size)
             if better.any():
+                snap = trig.snapshot()
                 for k in best:
-                    best[k][better] = before[k][better]
+                    best[k][better] = snap[k][better]
                 best_size = torch.where(better, size, best_size)
             newly = ok & ~started
             lam = torch.where(newly, torch.full_like(lam, cfg.init_lambda), lam)
