@@ -233,7 +233,7 @@ def test_a_target_anomalous_in_both_families_is_estimated_in_both(run_planted) -
     trig = res.triggers[9]
     assert res.detected_targets == [9] and trig.family == "patch" and set(trig.also) == {"perturbation"}
     assert set(trig.also["perturbation"]) == {"delta"}
-    # the joint sources in the other family ride in that family's re-estimate batch: no extra run
+    # the other family's estimate runs on its own, after the target's own batch (joint + smallest alone)
     assert fake.calls == [("patch", 90), ("perturbation", 90), ("patch", 2), ("perturbation", 1)]
     assert len(trig.variants()) == 1 + 3  # the stamped patch, and the perturbation at three strengths
     assert res.as_dict()["triggers"]["9"]["also"] == ["perturbation"]

@@ -466,13 +466,14 @@ def _estimate_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flagge
              for t, recs in sorted(flagged.items()) if len(recs) > 1}
     extra = [(t, plan[t], f) for t, recs in sorted(flagged.items()) for f in sorted(recs[0].by_family)
              if f != fams[t] and any(r.by_family[f]["score"] > cfg.threshold for r in recs)]
-    jobs = ([(t, srcs, fams[t]) for t, srcs in plan.items()] + [(t, [s], fams[t]) for t, s in alone.items()]
-            + extra)
+    jobs = [(t, srcs, fams[t]) for t, srcs in plan.items()] + [(t, [s], fams[t]) for t, s in alone.items()]
     found = _reestimate(model, x, y, jobs, re_cfg)
+    # in runs of their own: a batch's image draws depend on its groups, and the all-to-all test below
+    # compares two estimates of the same batch
+    others_found = _reestimate(model, x, y, extra, re_cfg) if extra else []
     estimates = dict(zip(plan, found[: len(plan)]))
-    others_found = found[len(plan) + len(alone):]
     eliminated: list[dict[str, Any]] = []
-    for (t, s), single in zip(alone.items(), found[len(plan):len(plan) + len(alone)]):
+    for (t, s), single in zip(alone.items(), found[len(plan):]):
         joint, smallest = estimates[t][1], single[1]
         if joint > cfg.joint_ratio * smallest:
             others = [r for r in plan[t] if r != s]
