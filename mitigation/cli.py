@@ -20,6 +20,17 @@ def _add_byo(p: argparse.ArgumentParser) -> None:
     g.add_argument("--class-names", help="comma separated class names (default: the clean folder's sub-folders)")
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a float greater than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -77,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--divergence", choices=["tv", "js", "kl"], default="tv")
     p.add_argument("--steps", dest="steps_bna", type=int, default=None,
                    help="BNA full-set Adam steps (default 60)")
+    p.add_argument("--bna-lr", dest="lr_bna", type=_positive_float, default=None,
+                   help="BNA Adam learning rate (default 0.08)")
     p.add_argument("--detect-steps", dest="detect_steps", type=int, default=None,
                    help="detection's optimisation steps per pair (as 'bna detect --steps')")
     p.add_argument("--out", required=True, help="bundle directory to write")

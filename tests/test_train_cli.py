@@ -122,3 +122,21 @@ def test_mitigate_step_flags_reach_their_stage() -> None:
     assert _detection_config(args).pair.steps == default_pair_steps
     args = build_parser().parse_args(["detect", "--steps", "9", "--out", "d", "--quiet"])
     assert _detection_config(args).pair.steps == 9
+
+
+def test_mitigate_bna_lr_flag_reaches_the_config(capsys: pytest.CaptureFixture) -> None:
+    """`bna mitigate --bna-lr` sets the BNA learning rate; without it the default stands; zero or a
+    negative rate is a usage error."""
+    from mitigation.bna.optimise import BNAConfig
+    from mitigation.cli import build_parser
+    from mitigation.commands import _bna_config
+
+    args = build_parser().parse_args(["mitigate", "--bna-lr", "0.03", "--out", "b", "--quiet"])
+    assert _bna_config(args).lr == pytest.approx(0.03)
+    args = build_parser().parse_args(["mitigate", "--out", "b", "--quiet"])
+    assert _bna_config(args).lr == BNAConfig().lr
+    for bad in ("0", "-0.1", "fast"):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["mitigate", "--bna-lr", bad, "--out", "b", "--quiet"])
+        assert exc.value.code == 2
+        assert "--bna-lr" in capsys.readouterr().err
