@@ -31,6 +31,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -90,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BNA full-set Adam steps (default 60)")
     p.add_argument("--bna-lr", dest="lr_bna", type=_positive_float, default=None,
                    help="BNA Adam learning rate (default 0.08)")
+    p.add_argument("--bna-warmup", dest="warmup_bna", type=_non_negative_int, default=None,
+                   help="BNA steps of linear learning-rate warm-up (default 10; 0: none)")
     p.add_argument("--detect-steps", dest="detect_steps", type=int, default=None,
                    help="detection's optimisation steps per pair (as 'bna detect --steps')")
     p.add_argument("--out", required=True, help="bundle directory to write")

@@ -97,6 +97,8 @@ def _bna_config(args: argparse.Namespace):  # noqa: ANN202
         cfg.steps = args.steps_bna
     if getattr(args, "lr_bna", None):
         cfg.lr = args.lr_bna
+    if getattr(args, "warmup_bna", None) is not None:
+        cfg.warmup = args.warmup_bna
     return cfg
 
 
@@ -241,7 +243,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     det_dir = out / "detection"
     # the demo's trigger is a stamped patch, so the patch family alone (half the time of 'both') suffices
     common = dict(seed=args.seed, device=args.device, quiet=args.quiet, trigger_type="patch", threshold=7.0,
-                  steps=None, detect_steps=None, divergence="tv", steps_bna=None, lr_bna=None)
+                  steps=None, detect_steps=None, divergence="tv", steps_bna=None, lr_bna=None, warmup_bna=None)
     if not (det_dir / "detection.json").is_file():
         print("[2/5] detecting: trigger reverse-engineering for all 90 class pairs ...", flush=True)
         t = time.perf_counter()

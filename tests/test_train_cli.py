@@ -125,8 +125,8 @@ def test_mitigate_step_flags_reach_their_stage() -> None:
 
 
 def test_mitigate_bna_lr_flag_reaches_the_config(capsys: pytest.CaptureFixture) -> None:
-    """`bna mitigate --bna-lr` sets the BNA learning rate; without it the default stands; zero or a
-    negative rate is a usage error."""
+    """`bna mitigate --bna-lr` / `--bna-warmup` set the BNA learning rate and warm-up; without them the
+    defaults stand; a rate <= 0 or a negative warm-up is a usage error."""
     from mitigation.bna.optimise import BNAConfig
     from mitigation.cli import build_parser
     from mitigation.commands import _bna_config
@@ -134,9 +134,12 @@ def test_mitigate_bna_lr_flag_reaches_the_config(capsys: pytest.CaptureFixture) 
     args = build_parser().parse_args(["mitigate", "--bna-lr", "0.03", "--out", "b", "--quiet"])
     assert _bna_config(args).lr == pytest.approx(0.03)
     args = build_parser().parse_args(["mitigate", "--out", "b", "--quiet"])
-    assert _bna_config(args).lr == BNAConfig().lr
-    for bad in ("0", "-0.1", "fast"):
+    assert _bna_config(args).lr == BNAConfig().lr and _bna_config(args).warmup == BNAConfig().warmup
+    args = build_parser().parse_args(["mitigate", "--bna-warmup", "0", "--out", "b", "--quiet"])
+    assert _bna_config(args).warmup == 0
+    for flag, bad in (("--bna-lr", "0"), ("--bna-lr", "-0.1"), ("--bna-lr", "fast"), ("--bna-warmup", "-1"),
+                      ("--bna-warmup", "2.5")):
         with pytest.raises(SystemExit) as exc:
-            build_parser().parse_args(["mitigate", "--bna-lr", bad, "--out", "b", "--quiet"])
+            build_parser().parse_args(["mitigate", flag, bad, "--out", "b", "--quiet"])
         assert exc.value.code == 2
-        assert "--bna-lr" in capsys.readouterr().err
+        assert flag in capsys.readouterr().err
