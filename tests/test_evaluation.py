@@ -22,7 +22,7 @@ def mitigated() -> dict:
 
 def test_the_gateway_removes_the_backdoor_and_says_so_per_source_class(mitigated: dict) -> None:
     v, g = mitigated["vanilla"], mitigated["mitigated"]
-    # BNA's efficacy bar is test_bna's, over three models; here one model, so a looser one
+    # BNA's efficacy bar is test_bna's, averaged over five models; here one model, so a looser one
     assert v["asr"] >= 0.9 and g["asr"] <= 0.25 and g["sia"] >= 0.75 and g["acc"] >= v["acc"] - 0.05
     assert mitigated["der"] == pytest.approx(der(v, g))
     rows = mitigated["per_source_class"]

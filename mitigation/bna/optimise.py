@@ -101,9 +101,9 @@ def _lr_factor(step: int, cfg: BNAConfig) -> float:
     """Multiplier of ``cfg.lr`` at ``step``: linear warm-up over the first ``cfg.warmup`` steps, then 1.
 
     Adam's first steps are about ``lr`` times the sign of the gradient for every statistic at once; on
-    a trigger that shifts every layer (chessboard) a full first step at lr 0.08 tripled the loss, and
-    the fit never came back below its start (ASR 0.80)."""
-    return min(1.0, (step + 1) / (cfg.warmup + 1)) if cfg.warmup > 0 else 1.0
+    a trigger that shifts every layer (chessboard) a full first step at lr 0.08 raised the loss, and
+    the fit never came back below its start (ASR 0.80). ``warmup = 0`` gives 1 from the first step."""
+    return min(1.0, (step + 1) / (cfg.warmup + 1))
 
 
 def embed_round_robin(src: torch.Tensor, triggers: list[Trigger], chunk: int) -> torch.Tensor:
