@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 RUNS = {  # run -> (attack, mode, detection's trigger family, MAD threshold)
-    "none": ("none", "a2o", "both", 7.0),
+    "none": ("none", "a2o", "all", 7.0),
     "badnet": ("badnet", "a2o", "patch", 7.0),
-    "chessboard": ("chessboard", "a2o", "both", 7.0),
-    "blend": ("blend", "a2o", "both", 7.0),
-    "sig": ("sig", "a2o", "both", 7.0),
-    "wanet": ("wanet", "a2o", "both", 3.0),  # the paper's threshold for warping triggers
+    "chessboard": ("chessboard", "a2o", "all", 7.0),
+    "blend": ("blend", "a2o", "all", 7.0),
+    "sig": ("sig", "a2o", "all", 7.0),
+    "wanet": ("wanet", "a2o", "all", 7.0),
     "badnet_a2a": ("badnet", "a2a", "patch", 7.0),
 }
 

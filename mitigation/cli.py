@@ -51,7 +51,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_detection(p: argparse.ArgumentParser) -> None:
     """The detection options 'bna detect' and 'bna mitigate' share."""
-    p.add_argument("--trigger-type", choices=["patch", "perturbation", "both"], default="both")
+    p.add_argument("--trigger-type", choices=["patch", "perturbation", "warp", "both", "all"], default="all",
+                   help="trigger families reverse-engineered for every class pair: patch (stamped patches), "
+                        "perturbation (additive: blends, sinusoids, noise), warp (smooth image warps: WaNet); "
+                        "both = patch and perturbation; all = the three (default). Each family costs one "
+                        "optimisation over all pairs")
     p.add_argument("--threshold", type=float, default=7.0, help="MAD anomaly threshold (default 7)")
     p.add_argument("--statistic", choices=["auto", "source", "plain"], default="auto",
                    help="pair statistic: plain = 1/size (the paper), source = the source's median size / size "

@@ -9,18 +9,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from mitigation.attacks import Additive, Trigger
+from mitigation.attacks import Trigger
 from mitigation.detection.mad import mad_scores
 from mitigation.detection.reverse import (ReverseConfig, ReverseResult, group_index, prediction_fractions,
                                           reverse_engineer, success_rate)
-from mitigation.detection.triggers import FAMILIES, PairTriggers
+from mitigation.detection.triggers import FAMILIES, STRENGTH, PairTriggers, family_of
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DetectionConfig:
-    trigger_type: str = "both"  # patch | perturbation | both
+    # patch | perturbation | warp | both (patch and perturbation) | all (the three): the trigger families
+    # reverse-engineered for every pair, each judged against its own median
+    trigger_type: str = "all"
     threshold: float = 7.0
     # pair statistic: "plain" = 1 / size (the paper); "source" = (median size of the source's triggers
     # to every class) / size, so that a source that is easy to turn into anything (MNIST's thin "1")
@@ -93,9 +95,9 @@ class TargetTrigger:
     # twin only 50 images to learn from, the trigger's whole domain gives it all of them
     fit_classes: list[int] = field(default_factory=list)
     # more estimates of this target's trigger, by name; the twin is fitted on every one:
-    # - "patch" / "perturbation": the estimate in another family in which its pairs are anomalous too. Which
-    #   family describes the real trigger is then unknown: a sinusoid (SIG) also has a small patch that
-    #   fires it, and a patch a small perturbation;
+    # - "patch" / "perturbation" / "warp": the estimate in another family in which its pairs are anomalous
+    #   too. Which family describes the real trigger is then unknown: a sinusoid (SIG) also has a small
+    #   patch that fires it, and a patch a small perturbation;
     # - "shared": the union of this patch and those of the other targets whose triggers also send S(t) to t.
     #   An all-to-all backdoor's targets share one stamp, and each estimate holds a different few of its
     #   pixels (a minimal trigger is the weakest version of the real one); together they hold most of them
@@ -107,15 +109,14 @@ class TargetTrigger:
 
     def variants(self, scales: tuple[float, ...] = (1.0, 2.0, 4.0)) -> list[Trigger]:
         """What the twin is fitted on: this estimate and those of ``also``. A patch estimate as it is. A
-        perturbation estimate is by construction the *weakest* version of the trigger, and a twin only
-        neutralises triggers up to the strength it was fitted on, so it is used at several strengths."""
+        perturbation or warp estimate is by construction the *weakest* version of the trigger, and a twin
+        only neutralises triggers up to the strength it was fitted on, so it is used at several strengths."""
         out: list[Trigger] = []
         for tensors in [self.tensors, *(v for _, v in sorted(self.also.items()))]:
-            fam = "patch" if "mask" in tensors else "perturbation"
-            if fam == "patch":
-                out.append(PairTriggers.export(fam, {k: v.unsqueeze(0) for k, v in tensors.items()}, 0))
-            else:
-                out += [Additive(tensors["delta"] * s) for s in scales]
+            fam = family_of(tensors)
+            strengths = [{**tensors, STRENGTH[fam]: tensors[STRENGTH[fam]] * s} for s in scales] \
+                if fam in STRENGTH else [tensors]
+            out += [PairTriggers.export(fam, {k: v.unsqueeze(0) for k, v in ts.items()}, 0) for ts in strengths]
         return out
 
 
@@ -184,16 +185,25 @@ def pair_statistic(size: torch.Tensor, pairs: list[tuple[int, int]], num_classes
     src = torch.tensor([s for s, _ in pairs])
     tgt = torch.tensor([t for _, t in pairs])
     table = torch.full((num_classes, num_classes), float("nan"), dtype=torch.double)
-    table[src, tgt] = size  # inf where no trigger succeeded: it counts as a large size in the median
+    # where no trigger succeeded the size counts as the largest one found, a large size in the median. Not as
+    # inf: a warping backdoor leaves most pairs without a warp (every warp sends the image to its target),
+    # and a source's median of inf would leave its backdoored pair no statistic
+    largest = size[found].max() if bool(found.any()) else torch.tensor(float("nan"), dtype=torch.double)
+    table[src, tgt] = torch.where(torch.isinf(size), largest, size)
     med = table.nanmedian(dim=1).values[src]
     return torch.where(found & torch.isfinite(med), med / size, nan).float()
 
 
+TRIGGER_TYPES = (*FAMILIES, "both", "all")
+
+
 def _families(trigger_type: str) -> tuple[str, ...]:
-    if trigger_type == "both":
+    if trigger_type == "all":
         return FAMILIES
+    if trigger_type == "both":
+        return ("patch", "perturbation")
     if trigger_type not in FAMILIES:
-        raise ValueError(f"--trigger-type must be patch, perturbation or both, not {trigger_type!r}")
+        raise ValueError(f"--trigger-type must be one of {', '.join(TRIGGER_TYPES)}, not {trigger_type!r}")
     return (trigger_type,)
 
 

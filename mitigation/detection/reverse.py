@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mitigation.detection.triggers import PairTriggers, make_triggers
+from mitigation.detection.triggers import STRENGTH, PairTriggers, make_triggers, warp_images, warp_size
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class ReverseConfig:
     images_per_group: int = 6
     lr_patch: float = 0.1
     lr_perturbation: float = 0.02
+    lr_warp: float = 0.05  # control-point displacement, pixels per step
     init_lambda: float = 0.05
     lambda_up: float = 1.5
     lambda_down: float = 1.5 ** 1.5
@@ -35,10 +36,10 @@ class ReverseConfig:
     max_images_per_pass: int = 512
     seed: int = 0
     progress: bool = True
-    # perturbation family: scale each kept trigger by the smallest of these factors that makes it succeed
-    # on ``success_threshold`` of its whole pool. A minimal perturbation sits on the decision boundary of
-    # the images it was fitted on; on a pool of several classes it may succeed on only half of them, and
-    # comparing such sizes says little. Empty: off (the pair stage); the per-target re-estimate uses it.
+    # perturbation and warp families: scale each kept trigger by the smallest of these factors that makes it
+    # succeed on ``success_threshold`` of its whole pool. A minimal perturbation (or warp) sits on the decision
+    # boundary of the images it was fitted on; on a pool of several classes it may succeed on only half of
+    # them, and comparing such sizes says little. Empty: off (the pair stage); the per-target re-estimate uses it.
     calibrate_scales: tuple[float, ...] = ()
 
 
@@ -76,7 +77,7 @@ def _run_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.
     n_groups, length = index.shape
     b = min(cfg.images_per_group, length)
     trig = make_triggers(family, n_groups, tuple(x.shape[1:]), g).to(device)
-    lr = cfg.lr_patch if family == "patch" else cfg.lr_perturbation
+    lr = {"patch": cfg.lr_patch, "perturbation": cfg.lr_perturbation, "warp": cfg.lr_warp}[family]
     opt = torch.optim.Adam(trig.parameters(), lr=lr, betas=(0.5, 0.9))
     lam = torch.zeros(n_groups, device=device)  # 0 until the group first succeeds (Neural Cleanse)
     started = torch.zeros(n_groups, dtype=torch.bool, device=device)
@@ -133,8 +134,8 @@ def _run_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.
         for k in best:
             best[k][never] = snap[k][never]
     asr = success_rate(model, x, index, targets, family, best, cfg, y)
-    if family == "perturbation" and cfg.calibrate_scales:
-        best, asr = _calibrate(model, x, y, index, targets, best, asr, cfg)
+    if family in STRENGTH and cfg.calibrate_scales:
+        best, asr = _calibrate(model, x, y, index, targets, best, asr, cfg, family)
     size = _size_of(family, best)
     # a trigger that does not really succeed on the whole pool is not a small trigger
     size = torch.where(asr >= 0.5, size, torch.full_like(size, float("inf")))
@@ -142,21 +143,23 @@ def _run_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.
 
 
 def _calibrate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
-               best: dict[str, torch.Tensor], asr: torch.Tensor, cfg: ReverseConfig
+               best: dict[str, torch.Tensor], asr: torch.Tensor, cfg: ReverseConfig, family: str = "perturbation"
                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Scale each group's perturbation by the smallest factor that reaches ``success_threshold`` on its pool."""
-    delta = best["delta"]
+    """Scale each group's perturbation (or warp field) by the smallest factor that reaches
+    ``success_threshold`` on its pool."""
+    key = STRENGTH[family]
+    delta = best[key]
     done = asr >= cfg.success_threshold
     scale = torch.ones_like(asr)
     for factor in sorted(f for f in cfg.calibrate_scales if f > 1.0):
         if bool(done.all()):
             break
-        a = success_rate(model, x, index, targets, "perturbation", {"delta": delta * factor}, cfg, y)
+        a = success_rate(model, x, index, targets, family, {key: delta * factor}, cfg, y)
         take = ~done & (a >= cfg.success_threshold)
         scale = torch.where(take, torch.full_like(scale, factor), scale)
         asr = torch.where(take, a, asr)
         done |= take
-    return {"delta": delta * scale.view(-1, *[1] * (delta.dim() - 1)).to(delta.device)}, asr
+    return {key: delta * scale.view(-1, *[1] * (delta.dim() - 1)).to(delta.device)}, asr
 
 
 @torch.no_grad()
@@ -181,12 +184,16 @@ def embed(family: str, tensors: dict[str, torch.Tensor], xb: torch.Tensor) -> to
     if family == "patch":
         m = tensors["mask"].to(xb.device).unsqueeze(1)
         return (1 - m) * xb + m * tensors["pattern"].to(xb.device).unsqueeze(1)
+    if family == "warp":
+        return warp_images(xb, tensors["flow"].to(xb.device))
     return (xb + tensors["delta"].to(xb.device).unsqueeze(1)).clamp(0, 1)
 
 
 def _size_of(family: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     if family == "patch":
         return tensors["mask"].flatten(1).sum(1)
+    if family == "warp":
+        return warp_size(tensors["flow"])
     return tensors["delta"].flatten(1).norm(dim=1)
 
 
