@@ -148,18 +148,18 @@ def _calibrate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.
     """Scale each group's perturbation (or warp field) by the smallest factor that reaches
     ``success_threshold`` on its pool."""
     key = STRENGTH[family]
-    delta = best[key]
+    strength = best[key]
     done = asr >= cfg.success_threshold
     scale = torch.ones_like(asr)
     for factor in sorted(f for f in cfg.calibrate_scales if f > 1.0):
         if bool(done.all()):
             break
-        a = success_rate(model, x, index, targets, family, {key: delta * factor}, cfg, y)
+        a = success_rate(model, x, index, targets, family, {key: strength * factor}, cfg, y)
         take = ~done & (a >= cfg.success_threshold)
         scale = torch.where(take, torch.full_like(scale, factor), scale)
         asr = torch.where(take, a, asr)
         done |= take
-    return {key: delta * scale.view(-1, *[1] * (delta.dim() - 1)).to(delta.device)}, asr
+    return {key: strength * scale.view(-1, *[1] * (strength.dim() - 1)).to(strength.device)}, asr
 
 
 @torch.no_grad()
