@@ -151,16 +151,20 @@ def _location(loc: Any, h: int, w: int, k: int, g: torch.Generator) -> tuple[int
     return r, c
 
 
+def identity_grid(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+    """[H, W, 2] sampling grid (x, y in [-1, 1], ``align_corners=True``) that leaves an image as it is."""
+    ys = torch.linspace(-1, 1, h, device=device)
+    xs = torch.linspace(-1, 1, w, device=device)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((xx, yy), dim=-1)
+
+
 def wanet_grids(h: int, w: int, k: int, s: float, grid_rescale: float, g: torch.Generator) -> torch.Tensor:
     """WaNet's warping grid (Nguyen & Tran, 2021): a random k x k field, upsampled, added to identity."""
     ins = torch.rand(1, 2, k, k, generator=g) * 2 - 1
     ins = ins / ins.abs().mean()
     noise = F.interpolate(ins, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-    ys = torch.linspace(-1, 1, h)
-    xs = torch.linspace(-1, 1, w)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    identity = torch.stack((xx, yy), dim=2).unsqueeze(0)
-    grid = identity + s * noise / max(h, w)
+    grid = identity_grid(h, w).unsqueeze(0) + s * noise / max(h, w)
     return (grid * grid_rescale).clamp(-1, 1)
 
 

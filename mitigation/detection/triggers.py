@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mitigation.attacks import Additive, MaskPattern, Trigger, Warp
+from mitigation.attacks import Additive, MaskPattern, Trigger, Warp, identity_grid
 
 FAMILIES = ("patch", "perturbation", "warp")
 # the tensor that sets a trigger's strength: scaled to calibrate an estimate, or to fit a twin on stronger copies
@@ -112,14 +112,6 @@ class PerturbationTriggers(PairTriggers):
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {"delta": self.delta.detach().clone()}
-
-
-def identity_grid(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
-    """[H, W, 2] sampling grid (x, y in [-1, 1], ``align_corners=True``) that leaves an image as it is."""
-    ys = torch.linspace(-1, 1, h, device=device)
-    xs = torch.linspace(-1, 1, w, device=device)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack((xx, yy), dim=-1)
 
 
 def warp_grid(flow: torch.Tensor) -> torch.Tensor:
