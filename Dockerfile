@@ -27,12 +27,13 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY bna_gateway ./bna_gateway
 COPY models ./models
 COPY mitigation ./mitigation
 COPY service ./service
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install . \
-    && python -c "import torch, models, mitigation, service; print('torch', torch.__version__)"
+    && python -c "import torch, bna_gateway.models, bna_gateway.mitigation, bna_gateway.service; print('torch', torch.__version__)"
 
 # ---- runtime: the venv, a non-root user, nothing else
 FROM ${PYTHON_IMAGE} AS runtime

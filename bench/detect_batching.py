@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mitigation.detection.detect import all_pairs  # noqa: E402
-from mitigation.detection.reverse import ReverseConfig, reverse_engineer  # noqa: E402
-from mitigation.modeldir import load_clean_set, load_model_dir  # noqa: E402
+from bna_gateway.mitigation.detection.detect import all_pairs  # noqa: E402
+from bna_gateway.mitigation.detection.reverse import ReverseConfig, reverse_engineer  # noqa: E402
+from bna_gateway.mitigation.modeldir import load_clean_set, load_model_dir  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

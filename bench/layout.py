@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.network import build_classifier  # noqa: E402
-from models.spec import InputSpec, ModelSpec  # noqa: E402
+from bna_gateway.models.network import build_classifier  # noqa: E402
+from bna_gateway.models.spec import InputSpec, ModelSpec  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

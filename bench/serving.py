@@ -52,7 +52,7 @@ log = logging.getLogger("bench.serving")
 
 def naive_app(bundle_dir: str) -> FastAPI:
     """What a first FastAPI wrapper looks like: decode and forward inside the request, no batching."""
-    from models.bundle import load_bundle
+    from bna_gateway.models.bundle import load_bundle
 
     bundle = load_bundle(Path(bundle_dir), "cpu")
     classifier = bundle.router.classifier
@@ -107,7 +107,7 @@ def decode_batch(images: list[bytes], shape: tuple[int, int, int], size: int) ->
 
 @torch.inference_mode()
 def bare_model(bundle_dir: Path, samples: dict[str, list[bytes]], batch: int, seconds: float) -> dict[str, float]:
-    from models.bundle import load_bundle
+    from bna_gateway.models.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir, "cpu")
     f = bundle.router.classifier

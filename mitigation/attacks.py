@@ -196,7 +196,7 @@ def build_trigger(spec: AttackSpec, shape: tuple[int, int, int]) -> Trigger:
         if p["pattern"] == "random":
             pattern = torch.rand(c, h, w, generator=g)
         else:
-            from mitigation.datasets import decode_image
+            from bna_gateway.mitigation.datasets import decode_image
 
             pattern = decode_image(Path(p["pattern"]), c, (h, w))
         return MaskPattern(torch.full((1, h, w), float(p["alpha"])), pattern)

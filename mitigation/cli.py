@@ -134,14 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _handler(command: str) -> Callable[[argparse.Namespace], int]:
     if command == "serve":
-        from service.server import run_server
+        from bna_gateway.service.server import run_server
 
         def serve(args: argparse.Namespace) -> int:
             run_server(args.bundle, host=args.host, port=args.port, workers=args.workers)
             return 0
 
         return serve
-    from mitigation import commands
+    from bna_gateway.mitigation import commands
 
     return getattr(commands, f"cmd_{command}")
 

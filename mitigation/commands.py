@@ -16,12 +16,12 @@ def _seed(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.network import build_classifier
-    from models.spec import DatasetRef, ModelSpec
-    from mitigation.attacks import AttackSpec, parse_params
-    from mitigation.datasets import load_dataset
-    from mitigation.modeldir import save_model_dir
-    from mitigation.training import TrainConfig, resolve_device, train_classifier
+    from bna_gateway.models.network import build_classifier
+    from bna_gateway.models.spec import DatasetRef, ModelSpec
+    from bna_gateway.mitigation.attacks import AttackSpec, parse_params
+    from bna_gateway.mitigation.datasets import load_dataset
+    from bna_gateway.mitigation.modeldir import save_model_dir
+    from bna_gateway.mitigation.training import TrainConfig, resolve_device, train_classifier
 
     _seed(args)
     data = load_dataset(args.dataset, args.data_root, args.clean_per_class, args.seed)
@@ -52,8 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _detection_config(args: argparse.Namespace):  # noqa: ANN202
-    from mitigation.detection import DetectionConfig
-    from mitigation.detection.reverse import ReverseConfig
+    from bna_gateway.mitigation.detection import DetectionConfig
+    from bna_gateway.mitigation.detection.reverse import ReverseConfig
 
     pair = ReverseConfig(seed=args.seed, progress=not args.quiet)
     steps = getattr(args, "detect_steps", None) or getattr(args, "steps", None)  # mitigate / detect
@@ -64,8 +64,8 @@ def _detection_config(args: argparse.Namespace):  # noqa: ANN202
 
 
 def run_detection(args: argparse.Namespace, model, clean):  # noqa: ANN001, ANN201
-    from mitigation.detection import detect_backdoor
-    from mitigation.training import resolve_device
+    from bna_gateway.mitigation.detection import detect_backdoor
+    from bna_gateway.mitigation.training import resolve_device
 
     device = resolve_device(args.device)
     clf = model.classifier.to(device)
@@ -74,8 +74,8 @@ def run_detection(args: argparse.Namespace, model, clean):  # noqa: ANN001, ANN2
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from mitigation.detection.io import scores_table, write_detection
-    from mitigation.modeldir import load_clean_set, resolve_model
+    from bna_gateway.mitigation.detection.io import scores_table, write_detection
+    from bna_gateway.mitigation.modeldir import load_clean_set, resolve_model
 
     _seed(args)
     model = resolve_model(args)
@@ -90,7 +90,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def _bna_config(args: argparse.Namespace):  # noqa: ANN202
-    from mitigation.bna import BNAConfig
+    from bna_gateway.mitigation.bna import BNAConfig
 
     cfg = BNAConfig(divergence=args.divergence, progress=not args.quiet)
     if getattr(args, "steps_bna", None):
@@ -104,9 +104,9 @@ def _bna_config(args: argparse.Namespace):  # noqa: ANN202
 
 def build_bundle(args: argparse.Namespace, model, clean, detection_doc: dict, triggers: dict, out: Path):  # noqa: ANN001, ANN201
     """Fit one twin per detected target and write the bundle (no twins when nothing was detected)."""
-    from models.bundle import DetectionSummary, TwinEntry, write_bundle
-    from mitigation.bna import fit_twin
-    from mitigation.training import resolve_device
+    from bna_gateway.models.bundle import DetectionSummary, TwinEntry, write_bundle
+    from bna_gateway.mitigation.bna import fit_twin
+    from bna_gateway.mitigation.training import resolve_device
 
     device = resolve_device(args.device)
     clf = model.classifier.to(device)
@@ -138,8 +138,8 @@ def build_bundle(args: argparse.Namespace, model, clean, detection_doc: dict, tr
 
 
 def cmd_mitigate(args: argparse.Namespace) -> int:
-    from mitigation.detection.io import read_triggers, write_detection
-    from mitigation.modeldir import load_clean_set, resolve_model
+    from bna_gateway.mitigation.detection.io import read_triggers, write_detection
+    from bna_gateway.mitigation.modeldir import load_clean_set, resolve_model
 
     _seed(args)
     model = resolve_model(args)
@@ -159,11 +159,11 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from models.bundle import load_bundle
-    from mitigation.attacks import AttackSpec
-    from mitigation.datasets import load_ref, read_image_folder
-    from mitigation.evaluation import evaluate_bundle
-    from mitigation.training import resolve_device
+    from bna_gateway.models.bundle import load_bundle
+    from bna_gateway.mitigation.attacks import AttackSpec
+    from bna_gateway.mitigation.datasets import load_ref, read_image_folder
+    from bna_gateway.mitigation.evaluation import evaluate_bundle
+    from bna_gateway.mitigation.training import resolve_device
 
     bundle = load_bundle(Path(args.bundle), resolve_device(args.device))
     attack = AttackSpec.load(Path(args.attack))
@@ -194,7 +194,7 @@ def _demo_samples(out: Path, data, attack, n_per_class: int = 2) -> None:  # noq
     import numpy as np
     from PIL import Image
 
-    from mitigation.attacks import build_trigger
+    from bna_gateway.mitigation.attacks import build_trigger
 
     trigger = build_trigger(attack, tuple(data.input.shape))
     test = data.test.per_class(n_per_class, seed=1)
@@ -213,14 +213,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default, step by step; each step is skipped when its output already exists."""
     import time
 
-    from models.bundle import BundleError, load_bundle, verify_bundle
-    from mitigation.attacks import AttackSpec, build_trigger
-    from mitigation.datasets import load_ref
-    from mitigation.detection.io import read_triggers, write_detection
-    from mitigation.evaluation import evaluate_bundle
-    from mitigation.modeldir import load_clean_set, load_model_dir
-    from mitigation.report import write_report
-    from mitigation.training import resolve_device
+    from bna_gateway.models.bundle import BundleError, load_bundle, verify_bundle
+    from bna_gateway.mitigation.attacks import AttackSpec, build_trigger
+    from bna_gateway.mitigation.datasets import load_ref
+    from bna_gateway.mitigation.detection.io import read_triggers, write_detection
+    from bna_gateway.mitigation.evaluation import evaluate_bundle
+    from bna_gateway.mitigation.modeldir import load_clean_set, load_model_dir
+    from bna_gateway.mitigation.report import write_report
+    from bna_gateway.mitigation.training import resolve_device
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

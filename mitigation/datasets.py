@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.spec import DatasetRef, InputSpec
+from bna_gateway.models.spec import DatasetRef, InputSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DATASETS = ("mnist5k", "digits8x8", "synthetic", "cifar10", "imagefolder")

@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from models.bundle import LoadedBundle
-from models.twins import RoutedBatch
-from mitigation.attacks import AttackSpec, build_trigger
-from mitigation.datasets import ImageSet
-from mitigation.metrics import attack_metrics, predict
+from bna_gateway.models.bundle import LoadedBundle
+from bna_gateway.models.twins import RoutedBatch
+from bna_gateway.mitigation.attacks import AttackSpec, build_trigger
+from bna_gateway.mitigation.datasets import ImageSet
+from bna_gateway.mitigation.metrics import attack_metrics, predict
 
 
 def route_all(bundle: LoadedBundle, x: torch.Tensor, batch_size: int = 500) -> RoutedBatch:

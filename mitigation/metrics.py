@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mitigation.attacks import AttackSpec, Trigger
+from bna_gateway.mitigation.attacks import AttackSpec, Trigger
 
 
 @torch.no_grad()

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.network import Classifier, build_classifier, load_weights, save_weights
-from models.spec import InputSpec, ModelSpec
-from mitigation.attacks import AttackSpec
-from mitigation.datasets import DatasetError, ImageSet, load_ref, read_image_folder
+from bna_gateway.models.network import Classifier, build_classifier, load_weights, save_weights
+from bna_gateway.models.spec import InputSpec, ModelSpec
+from bna_gateway.mitigation.attacks import AttackSpec
+from bna_gateway.mitigation.datasets import DatasetError, ImageSet, load_ref, read_image_folder
 
 MODEL_JSON = "model.json"
 ATTACK_JSON = "attack.json"

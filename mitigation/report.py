@@ -11,9 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from models.bundle import LoadedBundle  # noqa: E402
-from mitigation.attacks import Trigger  # noqa: E402
-from mitigation.bna.stats import capture_bn_outputs, channel_view  # noqa: E402
+from bna_gateway.models.bundle import LoadedBundle  # noqa: E402
+from bna_gateway.mitigation.attacks import Trigger  # noqa: E402
+from bna_gateway.mitigation.bna.stats import capture_bn_outputs, channel_view  # noqa: E402
 
 
 def _fmt(v: Any) -> str:

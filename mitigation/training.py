@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mitigation.attacks import AttackSpec, Trigger, Warp, build_trigger, wanet_noise
-from mitigation.datasets import Dataset
-from mitigation.metrics import AttackMetrics, attack_metrics, predict
+from bna_gateway.mitigation.attacks import AttackSpec, Trigger, Warp, build_trigger, wanet_noise
+from bna_gateway.mitigation.datasets import Dataset
+from bna_gateway.mitigation.metrics import AttackMetrics, attack_metrics, predict
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.network import Classifier, bn_layers, build_classifier, load_weights, save_weights
-from models.spec import ModelSpec
-from models.twins import TwinRouter, TwinStats
+from bna_gateway.models.network import Classifier, bn_layers, build_classifier, load_weights, save_weights
+from bna_gateway.models.spec import ModelSpec
+from bna_gateway.models.twins import TwinRouter, TwinStats
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

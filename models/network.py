@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.registry import build_model
-from models.spec import InputSpec, ModelSpec
+from bna_gateway.models.registry import build_model
+from bna_gateway.models.spec import InputSpec, ModelSpec
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from models import architectures
+from bna_gateway.models import architectures
 
 ModelFactory = Callable[..., nn.Module]
 

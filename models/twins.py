@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from models.network import bn_layers
+from bna_gateway.models.network import bn_layers
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from service.predict import BatchOutcome
+from bna_gateway.service.predict import BatchOutcome
 
 log = logging.getLogger(__name__)
 

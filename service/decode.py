@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from models.spec import InputSpec
-from service.errors import PayloadTooLarge, UndecodableImage
+from bna_gateway.models.spec import InputSpec
+from bna_gateway.service.errors import PayloadTooLarge, UndecodableImage
 
 log = logging.getLogger(__name__)
 

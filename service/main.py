@@ -1,4 +1,4 @@
-"""Assembles the FastAPI app; ``create_app`` is also a uvicorn factory (``--factory service.main:create_app``)."""
+"""Assembles the FastAPI app; ``create_app`` is also a uvicorn factory (``--factory bna_gateway.service.main:create_app``)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -6,11 +6,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api.errors import install_error_handlers
-from service.api.middleware import RequestMetricsMiddleware
-from service.api.routes import api_router
-from service.config import Settings
-from service.runtime import Runtime
+from bna_gateway.service.api.errors import install_error_handlers
+from bna_gateway.service.api.middleware import RequestMetricsMiddleware
+from bna_gateway.service.api.routes import api_router
+from bna_gateway.service.config import Settings
+from bna_gateway.service.runtime import Runtime
 
 
 @asynccontextmanager

@@ -13,7 +13,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from service.errors import MalformedRequest, PayloadTooLarge, UndecodableImage, UnsupportedMediaType
+from bna_gateway.service.errors import MalformedRequest, PayloadTooLarge, UndecodableImage, UnsupportedMediaType
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Runs in the batcher's single inference thread, never on the event loop. Takes the decoded ``uint8``
 batch, moves it to the device, scales it to [0, 1] (the classifier normalises), applies the twin
-routing rule of :class:`models.twins.TwinRouter`, records the batch's metrics and hands back plain
+routing rule of :class:`bna_gateway.models.twins.TwinRouter`, records the batch's metrics and hands back plain
 Python lists for the *unbatch* stage.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from itertools import chain
 
 import torch
 
-from models.bundle import LoadedBundle
-from models.twins import RoutedBatch
-from service.metrics import GatewayMetrics
+from bna_gateway.models.bundle import LoadedBundle
+from bna_gateway.models.twins import RoutedBatch
+from bna_gateway.service.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 

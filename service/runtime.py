@@ -15,13 +15,13 @@ import sys
 
 import torch
 
-from models.bundle import LoadedBundle, load_bundle
-from service.batching import MicroBatcher
-from service.config import Settings
-from service.decode import ImageDecoder, configure_pillow
-from service.metrics import GatewayMetrics
-from service.predict import Predictor
-from service.quarantine import Quarantine
+from bna_gateway.models.bundle import LoadedBundle, load_bundle
+from bna_gateway.service.batching import MicroBatcher
+from bna_gateway.service.config import Settings
+from bna_gateway.service.decode import ImageDecoder, configure_pillow
+from bna_gateway.service.metrics import GatewayMetrics
+from bna_gateway.service.predict import Predictor
+from bna_gateway.service.quarantine import Quarantine
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from types import FrameType
 
 import uvicorn
 
-from models.bundle import verify_bundle
-from service.config import Settings
-from service.main import create_app
-from service.runtime import Runtime
+from bna_gateway.models.bundle import verify_bundle
+from bna_gateway.service.config import Settings
+from bna_gateway.service.main import create_app
+from bna_gateway.service.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.bundle import DetectionSummary, TwinEntry, write_bundle
-from models.network import bn_layers, build_classifier
-from models.spec import InputSpec, ModelSpec
-from models.twins import TwinRouter, TwinStats
+from bna_gateway.models.bundle import DetectionSummary, TwinEntry, write_bundle
+from bna_gateway.models.network import bn_layers, build_classifier
+from bna_gateway.models.spec import InputSpec, ModelSpec
+from bna_gateway.models.twins import TwinRouter, TwinStats
 
 TARGET = 9
 SOURCE = 2

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 import tiny_models as tm
-from mitigation.attacks import Additive
-from mitigation.bna.histogram import BinSpec, divergence, hard_histogram, soft_histogram
-from mitigation.bna.optimise import BNAConfig, TwinFit, embed_round_robin, fit_twin
-from mitigation.bna.stats import channel_view
-from mitigation.detection.detect import TargetTrigger
-from models.network import bn_layers
-from models.twins import TwinRouter, TwinStats
+from bna_gateway.mitigation.attacks import Additive
+from bna_gateway.mitigation.bna.histogram import BinSpec, divergence, hard_histogram, soft_histogram
+from bna_gateway.mitigation.bna.optimise import BNAConfig, TwinFit, embed_round_robin, fit_twin
+from bna_gateway.mitigation.bna.stats import channel_view
+from bna_gateway.mitigation.detection.detect import TargetTrigger
+from bna_gateway.models.network import bn_layers
+from bna_gateway.models.twins import TwinRouter, TwinStats
 
 
 # ---------------------------------------------------------------- histograms and divergences
@@ -230,7 +230,7 @@ def test_twin_on_a_model_with_its_own_layer_names() -> None:
 
 
 def test_aux_classes_join_the_fit_and_the_sources_are_repeated_to_weigh_as_much(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mitigation.bna import optimise
+    from bna_gateway.mitigation.bna import optimise
 
     m = tm.backdoored()
     x, y = m.data.clean.x, m.data.clean.y
@@ -249,7 +249,7 @@ def test_aux_classes_join_the_fit_and_the_sources_are_repeated_to_weigh_as_much(
 
 
 def test_learning_rate_warms_up_linearly_then_holds() -> None:
-    from mitigation.bna.optimise import _lr_factor
+    from bna_gateway.mitigation.bna.optimise import _lr_factor
 
     cfg = BNAConfig(steps=60, warmup=10)
     factors = [_lr_factor(i, cfg) for i in range(60)]

@@ -31,9 +31,9 @@ from deploy_parsing import (
     promql_references,
     volume_mounts,
 )
-from mitigation.cli import build_parser
+from bna_gateway.mitigation.cli import build_parser
 from serving import running_gateway, serve_command
-from service.config import Settings
+from bna_gateway.service.config import Settings
 from synthetic_bundle import SOURCE, TARGET, SyntheticBundle, build_synthetic_bundle
 
 ROOT = Path(__file__).resolve().parents[1]

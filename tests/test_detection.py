@@ -18,14 +18,14 @@ import pytest
 import torch
 
 import tiny_models as tm
-from mitigation.detection import detect as detect_mod
-from mitigation.detection.detect import (DetectionConfig, DetectionResult, PairRecord, TargetTrigger, all_pairs,
+from bna_gateway.mitigation.detection import detect as detect_mod
+from bna_gateway.mitigation.detection.detect import (DetectionConfig, DetectionResult, PairRecord, TargetTrigger, all_pairs,
                                          detect_backdoor)
-from mitigation.detection.io import read_triggers, scores_table, write_detection
-from mitigation.detection.mad import MAD_CONSISTENCY, mad_scores
-from mitigation.detection.reverse import (ReverseConfig, ReverseResult, group_index, image_targets, reverse_engineer,
+from bna_gateway.mitigation.detection.io import read_triggers, scores_table, write_detection
+from bna_gateway.mitigation.detection.mad import MAD_CONSISTENCY, mad_scores
+from bna_gateway.mitigation.detection.reverse import (ReverseConfig, ReverseResult, group_index, image_targets, reverse_engineer,
                                           success_rate)
-from mitigation.detection.triggers import PairTriggers
+from bna_gateway.mitigation.detection.triggers import PairTriggers
 
 FAST = ReverseConfig(steps=40, images_per_group=4, progress=False)
 
@@ -371,7 +371,7 @@ def test_a_flagged_pairs_trigger_tightens_every_pair_it_also_works_on(tiny: tm.T
 
 
 def test_calibration_scales_a_perturbation_until_it_succeeds_on_the_whole_pool() -> None:
-    from mitigation.detection.reverse import _calibrate
+    from bna_gateway.mitigation.detection.reverse import _calibrate
 
     class Brightness(torch.nn.Module):  # class 1 iff the mean pixel exceeds 0.5
         def forward(self, x: torch.Tensor) -> torch.Tensor:

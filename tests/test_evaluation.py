@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 import tiny_models as tm
-from mitigation.evaluation import der, evaluate_bundle
-from models.bundle import DetectionSummary, LoadedBundle, Manifest
+from bna_gateway.mitigation.evaluation import der, evaluate_bundle
+from bna_gateway.models.bundle import DetectionSummary, LoadedBundle, Manifest
 
 
 def _bundle(m: tm.TinyModel, twins: list) -> LoadedBundle:  # noqa: ANN001

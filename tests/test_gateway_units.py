@@ -13,15 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from models.bundle import LoadedBundle, load_bundle
-from models.spec import InputSpec
-from service.batching import MicroBatcher
-from service.config import Settings
-from service.decode import ImageDecoder, configure_pillow
-from service.errors import ClientError, PayloadTooLarge, UndecodableImage
-from service.main import create_app
-from service.predict import BatchOutcome, Predictor
-from service.quarantine import Quarantine, QuarantineItem
+from bna_gateway.models.bundle import LoadedBundle, load_bundle
+from bna_gateway.models.spec import InputSpec
+from bna_gateway.service.batching import MicroBatcher
+from bna_gateway.service.config import Settings
+from bna_gateway.service.decode import ImageDecoder, configure_pillow
+from bna_gateway.service.errors import ClientError, PayloadTooLarge, UndecodableImage
+from bna_gateway.service.main import create_app
+from bna_gateway.service.predict import BatchOutcome, Predictor
+from bna_gateway.service.quarantine import Quarantine, QuarantineItem
 from synthetic_bundle import SOURCE, TARGET, SyntheticBundle, build_synthetic_bundle
 
 GREY = InputSpec(shape=(1, 28, 28), mean=(0.5,), std=(0.5,))

@@ -6,8 +6,8 @@ import copy
 import torch
 from torch import nn
 
-from models.network import Classifier, build_classifier, save_weights, load_weights, to_channels_last
-from models.spec import InputSpec, ModelSpec
+from bna_gateway.models.network import Classifier, build_classifier, save_weights, load_weights, to_channels_last
+from bna_gateway.models.spec import InputSpec, ModelSpec
 
 INPUT = InputSpec(shape=(1, 12, 12), mean=(0.5,), std=(0.25,))
 

@@ -58,9 +58,9 @@ def test_train_metrics_are_fractions_and_the_set_is_learnt(trained) -> None:  # 
 
 
 def test_model_directory_reloads_to_the_same_accuracy(trained) -> None:  # noqa: ANN001
-    from mitigation.datasets import load_ref
-    from mitigation.metrics import predict
-    from mitigation.modeldir import load_model_dir
+    from bna_gateway.mitigation.datasets import load_ref
+    from bna_gateway.mitigation.metrics import predict
+    from bna_gateway.mitigation.modeldir import load_model_dir
 
     out, _ = trained
     loaded = load_model_dir(out)
@@ -100,7 +100,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_bad_input_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],
                                        message: str) -> None:
     """The same entry point as the console script, in-process (a subprocess per case is slow)."""
-    from mitigation.cli import main
+    from bna_gateway.mitigation.cli import main
 
     assert main(["train", *args, "--epochs", "1", "--quiet", "--out", str(tmp_path / "m")]) == 2
     check_one_line_error(capsys.readouterr().err, message)
@@ -110,9 +110,9 @@ def test_bad_input_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFix
 def test_mitigate_step_flags_reach_their_stage() -> None:
     """`bna mitigate --steps` sets the BNA steps and `--detect-steps` the detection's; `bna detect --steps`
     the detection's."""
-    from mitigation.cli import build_parser
-    from mitigation.commands import _bna_config, _detection_config
-    from mitigation.detection.reverse import ReverseConfig
+    from bna_gateway.mitigation.cli import build_parser
+    from bna_gateway.mitigation.commands import _bna_config, _detection_config
+    from bna_gateway.mitigation.detection.reverse import ReverseConfig
 
     default_pair_steps = ReverseConfig().steps
     args = build_parser().parse_args(["mitigate", "--steps", "5", "--detect-steps", "7", "--out", "b", "--quiet"])
@@ -127,9 +127,9 @@ def test_mitigate_step_flags_reach_their_stage() -> None:
 def test_mitigate_bna_lr_flag_reaches_the_config(capsys: pytest.CaptureFixture) -> None:
     """`bna mitigate --bna-lr` / `--bna-warmup` set the BNA learning rate and warm-up; without them the
     defaults stand; a rate <= 0 or a negative warm-up is a usage error."""
-    from mitigation.bna.optimise import BNAConfig
-    from mitigation.cli import build_parser
-    from mitigation.commands import _bna_config
+    from bna_gateway.mitigation.bna.optimise import BNAConfig
+    from bna_gateway.mitigation.cli import build_parser
+    from bna_gateway.mitigation.commands import _bna_config
 
     args = build_parser().parse_args(["mitigate", "--bna-lr", "0.03", "--out", "b", "--quiet"])
     assert _bna_config(args).lr == pytest.approx(0.03)

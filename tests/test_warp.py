@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import tiny_models as tm
-from mitigation.attacks import Warp
-from mitigation.cli import build_parser
-from mitigation.detection import detect as detect_mod
-from mitigation.detection.detect import DetectionResult, PairRecord, TargetTrigger, all_pairs, pair_statistic
-from mitigation.detection.io import read_triggers, write_detection
-from mitigation.detection.mad import mad_scores
-from mitigation.detection.reverse import ReverseConfig, _calibrate, embed, group_index, reverse_engineer, success_rate
-from mitigation.detection.triggers import (FAMILIES, PairTriggers, WarpTriggers, family_of, identity_grid,
+from bna_gateway.mitigation.attacks import Warp
+from bna_gateway.mitigation.cli import build_parser
+from bna_gateway.mitigation.detection import detect as detect_mod
+from bna_gateway.mitigation.detection.detect import DetectionResult, PairRecord, TargetTrigger, all_pairs, pair_statistic
+from bna_gateway.mitigation.detection.io import read_triggers, write_detection
+from bna_gateway.mitigation.detection.mad import mad_scores
+from bna_gateway.mitigation.detection.reverse import ReverseConfig, _calibrate, embed, group_index, reverse_engineer, success_rate
+from bna_gateway.mitigation.detection.triggers import (FAMILIES, PairTriggers, WarpTriggers, family_of, identity_grid,
                                            pixel_scale, warp_images, warp_size)
 
 FAST = ReverseConfig(steps=60, images_per_group=4, progress=False)

@@ -12,13 +12,13 @@ from typing import Iterator
 
 import torch
 
-from mitigation.attacks import AttackSpec, Trigger, build_trigger
-from mitigation.bna.optimise import BNAConfig, TwinFit, fit_twin
-from mitigation.datasets import Dataset, make_synthetic
-from mitigation.metrics import AttackMetrics
-from mitigation.training import TrainConfig, train_classifier
-from models.network import Classifier, build_classifier
-from models.spec import InputSpec, ModelSpec
+from bna_gateway.mitigation.attacks import AttackSpec, Trigger, build_trigger
+from bna_gateway.mitigation.bna.optimise import BNAConfig, TwinFit, fit_twin
+from bna_gateway.mitigation.datasets import Dataset, make_synthetic
+from bna_gateway.mitigation.metrics import AttackMetrics
+from bna_gateway.mitigation.training import TrainConfig, train_classifier
+from bna_gateway.models.network import Classifier, build_classifier
+from bna_gateway.models.spec import InputSpec, ModelSpec
 
 TARGET = 2
 NUM_CLASSES = 6

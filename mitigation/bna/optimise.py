@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.twins import TwinStats
-from mitigation.attacks import Trigger
-from mitigation.bna.histogram import BinSpec, divergence, hard_histogram, soft_histogram
-from mitigation.bna.stats import capture_bn_outputs, channel_view, reestimate_bn
-from models.network import bn_layers
+from bna_gateway.models.twins import TwinStats
+from bna_gateway.mitigation.attacks import Trigger
+from bna_gateway.mitigation.bna.histogram import BinSpec, divergence, hard_histogram, soft_histogram
+from bna_gateway.mitigation.bna.stats import capture_bn_outputs, channel_view, reestimate_bn
+from bna_gateway.models.network import bn_layers
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def calibrate_margin(model: nn.Module, stats: TwinStats, clean_target: torch.Ten
     defender's clean images of the target class (never below 0, which is the plain 'labels differ' rule)."""
     if len(clean_target) == 0 or quantile <= 0:
         return 0.0
-    from models.twins import TwinRouter
+    from bna_gateway.models.twins import TwinRouter
 
     router = TwinRouter(model, [stats], bn_prefix).to(clean_target.device)
     probs = router.twin_logits(clean_target, target).softmax(1)

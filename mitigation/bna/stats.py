@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from models.network import bn_layers
+from bna_gateway.models.network import bn_layers
 
 
 def channel_view(out: torch.Tensor, grid: int | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
 """Backdoor detection: batched trigger reverse-engineering for every ordered class pair + MAD."""
-from mitigation.detection.detect import DetectionConfig, DetectionResult, detect_backdoor
+from bna_gateway.mitigation.detection.detect import DetectionConfig, DetectionResult, detect_backdoor
 
 __all__ = ["DetectionConfig", "DetectionResult", "detect_backdoor"]

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mitigation.attacks import Trigger
-from mitigation.detection.mad import mad_scores
-from mitigation.detection.reverse import (ReverseConfig, ReverseResult, group_index, prediction_fractions,
+from bna_gateway.mitigation.attacks import Trigger
+from bna_gateway.mitigation.detection.mad import mad_scores
+from bna_gateway.mitigation.detection.reverse import (ReverseConfig, ReverseResult, group_index, prediction_fractions,
                                           reverse_engineer, success_rate)
-from mitigation.detection.triggers import FAMILIES, STRENGTH, PairTriggers, family_of
+from bna_gateway.mitigation.detection.triggers import FAMILIES, STRENGTH, PairTriggers, family_of
 
 log = logging.getLogger(__name__)
 

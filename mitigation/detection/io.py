@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mitigation.detection.detect import DetectionResult, TargetTrigger
+from bna_gateway.mitigation.detection.detect import DetectionResult, TargetTrigger
 
 DETECTION_JSON = "detection.json"
 TRIGGERS_FILE = "triggers.safetensors"
@@ -25,7 +25,7 @@ def write_detection(result: DetectionResult, out: Path, pictures: bool = True) -
         save_file(tensors, str(out / TRIGGERS_FILE))
         doc["triggers_file"] = TRIGGERS_FILE
     if pictures:
-        from mitigation.detection.pictures import plot_scores, plot_triggers
+        from bna_gateway.mitigation.detection.pictures import plot_scores, plot_triggers
 
         doc["pictures"] = [plot_scores(result, out / "anomaly_scores.png")]
         doc["pictures"] += plot_triggers(result, out)

@@ -9,8 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from mitigation.detection.detect import DetectionResult  # noqa: E402
-from mitigation.detection.triggers import family_of, pixel_scale, warp_images  # noqa: E402
+from bna_gateway.mitigation.detection.detect import DetectionResult  # noqa: E402
+from bna_gateway.mitigation.detection.triggers import family_of, pixel_scale, warp_images  # noqa: E402
 
 
 def plot_scores(result: DetectionResult, path: Path) -> str:

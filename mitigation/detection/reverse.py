@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mitigation.detection.triggers import STRENGTH, PairTriggers, make_triggers, warp_images, warp_size
+from bna_gateway.mitigation.detection.triggers import STRENGTH, PairTriggers, make_triggers, warp_images, warp_size
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mitigation.attacks import Additive, MaskPattern, Trigger, Warp, identity_grid
+from bna_gateway.mitigation.attacks import Additive, MaskPattern, Trigger, Warp, identity_grid
 
 FAMILIES = ("patch", "perturbation", "warp")
 # the tensor that sets a trigger's strength: scaled to calibrate an estimate, or to fit a twin on stronger copies

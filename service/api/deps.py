@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.runtime import Runtime
+from bna_gateway.service.runtime import Runtime
 
 _bearer = HTTPBearer(auto_error=False, description="required only when BNA_API_KEY is set")
 

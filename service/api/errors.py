@@ -6,8 +6,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from service.batching import BatcherClosed
-from service.errors import ClientError
+from bna_gateway.service.batching import BatcherClosed
+from bna_gateway.service.errors import ClientError
 
 log = logging.getLogger(__name__)
 

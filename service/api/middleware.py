@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import GatewayMetrics
+from bna_gateway.service.metrics import GatewayMetrics
 
 OTHER = "other"
 

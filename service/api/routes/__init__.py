@@ -1,7 +1,7 @@
 """All routes, assembled into one router."""
 from fastapi import APIRouter
 
-from service.api.routes import classify, health, metrics, model
+from bna_gateway.service.api.routes import classify, health, metrics, model
 
 api_router = APIRouter()
 api_router.include_router(classify.router)

@@ -10,12 +10,12 @@ import torch
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Authorized, ReadyRuntime
-from service.payload import ImagePart, read_body, split_payload
-from service.predict import BatchOutcome
-from service.quarantine import QuarantineItem
-from service.runtime import Runtime
-from service.schemas import ClassifyResponse, ErrorResponse, Prediction
+from bna_gateway.service.api.deps import Authorized, ReadyRuntime
+from bna_gateway.service.payload import ImagePart, read_body, split_payload
+from bna_gateway.service.predict import BatchOutcome
+from bna_gateway.service.quarantine import QuarantineItem
+from bna_gateway.service.runtime import Runtime
+from bna_gateway.service.schemas import ClassifyResponse, ErrorResponse, Prediction
 
 log = logging.getLogger(__name__)
 

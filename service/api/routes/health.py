@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.api.deps import RuntimeDep
+from bna_gateway.service.api.deps import RuntimeDep
 
 router = APIRouter(tags=["health"])
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service.api.deps import RuntimeDep
+from bna_gateway.service.api.deps import RuntimeDep
 
 router = APIRouter(tags=["metrics"])
 

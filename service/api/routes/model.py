@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
-from service.api.deps import RuntimeDep
-from service.schemas import ModelSummary
+from bna_gateway.service.api.deps import RuntimeDep
+from bna_gateway.service.schemas import ModelSummary
 
 router = APIRouter(tags=["model"])
 
