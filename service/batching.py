@@ -118,9 +118,6 @@ class MicroBatcher:
             self._cond.notify()
         return job.future
 
-    async def submit(self, images: torch.Tensor) -> BatchOutcome:
-        return await self.enqueue(images)
-
     # -- inference thread ------------------------------------------------------------------------
     def _run(self) -> None:
         while True:

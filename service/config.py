@@ -13,6 +13,8 @@ import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bna_gateway.models.device import resolve_device
+
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
@@ -81,13 +83,8 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        v = v.strip().lower()
-        if v != "auto":
-            try:
-                torch.device(v)
-            except RuntimeError as exc:  # e.g. 'gpu'
-                raise ValueError(f"unknown device {v!r}: use auto, cpu, cuda or cuda:N") from exc
-        return v
+        resolve_device(v)  # refuses an unknown name with the accepted ones
+        return v.strip().lower()
 
     @model_validator(mode="after")
     def _one_worker(self) -> "Settings":
@@ -100,9 +97,7 @@ class Settings(BaseSettings):
 
     @property
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     @property
     def max_batch_wait_s(self) -> float:

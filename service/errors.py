@@ -14,8 +14,9 @@ class ClientError(Exception):
             self.status_code = status_code
 
 
-class UndecodableImage(ClientError):
-    """Empty, truncated, corrupt or not an image at all (400)."""
+class EmptyBody(ClientError):
+    """The request carries no image bytes at all (400). Bad image bytes are the decoder's
+    :class:`~bna_gateway.models.decode.BadImage` errors, answered by ``api.errors``."""
 
     status_code = 400
 

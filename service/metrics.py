@@ -1,4 +1,4 @@
-"""Prometheus metrics, named exactly as DESIGN.md fixes them.
+"""Prometheus metrics, named as docs/http.md fixes them (other tools depend on the names).
 
 One process per device, hence one registry: ``Settings`` refuses ``workers != 1`` and ``bna serve``
 runs a single uvicorn worker, so prometheus_client's multiprocess mode is not needed and every counter

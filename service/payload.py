@@ -2,7 +2,7 @@
 
 ``/classify`` takes either ``multipart/form-data`` with one or more parts named ``file``, or a raw body
 with an ``image/*`` content type. The body is read with a hard byte limit, then split into images;
-every way a client can get this wrong is a :class:`~service.errors.ClientError` with its 4xx status.
+every way a client can get this wrong is a :class:`~bna_gateway.service.errors.ClientError` with its 4xx status.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from bna_gateway.service.errors import MalformedRequest, PayloadTooLarge, UndecodableImage, UnsupportedMediaType
+from bna_gateway.service.errors import EmptyBody, MalformedRequest, PayloadTooLarge, UnsupportedMediaType
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,11 @@ def split_payload(content_type: str | None, body: bytes, max_images: int) -> lis
     mime, params = parse_options_header(content_type)
     if mime == b"multipart/form-data":
         if not body:
-            raise UndecodableImage("request body is empty")
+            raise EmptyBody("request body is empty")
         return _MultipartSplitter(params, max_images).split(body)
     if mime.startswith(b"image/"):
         if not body:
-            raise UndecodableImage("request body is empty")
+            raise EmptyBody("request body is empty")
         return [ImagePart(body, None, mime.decode("latin-1"))]
     shown = content_type or "none"
     raise UnsupportedMediaType(

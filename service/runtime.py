@@ -18,7 +18,7 @@ import torch
 from bna_gateway.models.bundle import LoadedBundle, load_bundle
 from bna_gateway.service.batching import MicroBatcher
 from bna_gateway.service.config import Settings
-from bna_gateway.service.decode import ImageDecoder, configure_pillow
+from bna_gateway.models.decode import ImageDecoder, configure_pillow
 from bna_gateway.service.metrics import GatewayMetrics
 from bna_gateway.service.predict import Predictor
 from bna_gateway.service.quarantine import Quarantine
@@ -67,7 +67,7 @@ class Runtime:
         bundle = await asyncio.to_thread(load_bundle, s.bundle, self.device)
         manifest = bundle.manifest
         self.bundle = bundle
-        self.decoder = ImageDecoder(manifest.model.input, s.max_image_pixels)
+        self.decoder = ImageDecoder.for_input(manifest.model.input, s.max_image_pixels)
         predictor = Predictor(bundle, self.device, self.metrics)
         self.batcher = MicroBatcher(predictor, s.max_batch_size, s.max_batch_wait_s)
         if s.quarantine_dir is not None:

@@ -1,4 +1,4 @@
-"""HTTP response bodies (the *encode* stage's output), as DESIGN.md fixes them."""
+"""HTTP response bodies (the *encode* stage's output), as docs/http.md fixes them."""
 from __future__ import annotations
 
 from pydantic import BaseModel, Field

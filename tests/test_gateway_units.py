@@ -17,8 +17,7 @@ from bna_gateway.models.bundle import LoadedBundle, load_bundle
 from bna_gateway.models.spec import InputSpec
 from bna_gateway.service.batching import MicroBatcher
 from bna_gateway.service.config import Settings
-from bna_gateway.service.decode import ImageDecoder, configure_pillow
-from bna_gateway.service.errors import ClientError, PayloadTooLarge, UndecodableImage
+from bna_gateway.models.decode import BadImage, ImageDecoder, ImageTooLarge, UndecodableImage, configure_pillow
 from bna_gateway.service.main import create_app
 from bna_gateway.service.predict import BatchOutcome, Predictor
 from bna_gateway.service.quarantine import Quarantine, QuarantineItem
@@ -68,7 +67,7 @@ def test_settings_refuse_nonsense(bad: dict[str, object]) -> None:
 # -- decoding --------------------------------------------------------------------------------------
 
 def test_any_mode_and_size_becomes_the_model_input() -> None:
-    grey, colour = ImageDecoder(GREY, 10**7), ImageDecoder(COLOUR, 10**7)
+    grey, colour = ImageDecoder.for_input(GREY, 10**7), ImageDecoder.for_input(COLOUR, 10**7)
     images = {
         "L": Image.new("L", (28, 28), 200),
         "RGB": Image.new("RGB", (100, 60), (255, 0, 0)),
@@ -91,7 +90,7 @@ def test_any_mode_and_size_becomes_the_model_input() -> None:
 
 
 def test_exif_orientation_is_applied() -> None:
-    decoder = ImageDecoder(GREY, 10**7)
+    decoder = ImageDecoder.for_input(GREY, 10**7)
     img = Image.new("L", (28, 28), 0)
     img.paste(255, (0, 0, 14, 28))  # left half white
     exif = Image.Exif()
@@ -105,17 +104,17 @@ def test_exif_orientation_is_applied() -> None:
 def test_pixel_limit_is_checked_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     configure_pillow(1000)
-    decoder = ImageDecoder(GREY, 1000)
-    with pytest.raises(PayloadTooLarge, match="pixels"):
+    decoder = ImageDecoder.for_input(GREY, 1000)
+    with pytest.raises(ImageTooLarge, match="pixels"):
         decoder(encode(Image.new("L", (40, 40))))
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(ImageTooLarge):
         decoder(encode(Image.new("L", (400, 400))))  # Pillow's own DecompressionBombError range
     assert decoder(encode(Image.new("L", (30, 30)))).shape == (1, 28, 28)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt metadata it skips
 def test_corrupted_bytes_never_escape_as_anything_but_client_errors() -> None:
-    decoder = ImageDecoder(GREY, 10**6)
+    decoder = ImageDecoder.for_input(GREY, 10**6)
     rng = random.Random(0)
     seeds = [
         encode(Image.effect_noise((32, 32), 40).convert("L"), fmt)
@@ -135,8 +134,8 @@ def test_corrupted_bytes_never_escape_as_anything_but_client_errors() -> None:
             data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
         try:
             out = decoder(bytes(data))
-        except ClientError as exc:
-            assert exc.status_code in (400, 413)
+        except BadImage as exc:
+            assert isinstance(exc, (UndecodableImage, ImageTooLarge))
             outcomes["refused"] += 1
         else:
             assert out.shape == (1, 28, 28)
@@ -145,7 +144,7 @@ def test_corrupted_bytes_never_escape_as_anything_but_client_errors() -> None:
 
 
 def test_empty_and_foreign_bytes_are_undecodable() -> None:
-    decoder = ImageDecoder(GREY, 10**6)
+    decoder = ImageDecoder.for_input(GREY, 10**6)
     for data in (b"", b"hello", b"%PDF-1.7\n", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 1 1\n"):
         with pytest.raises(UndecodableImage):
             decoder(data)
@@ -165,7 +164,7 @@ def loaded(synthetic: SyntheticBundle) -> LoadedBundle:
 
 
 def test_micro_batching_matches_the_router_image_for_image(synthetic: SyntheticBundle, loaded: LoadedBundle) -> None:
-    decoder = ImageDecoder(loaded.manifest.model.input, 10**6)
+    decoder = ImageDecoder.for_input(loaded.manifest.model.input, 10**6)
     pool = torch.stack([decoder(d) for d in synthetic.clean + synthetic.triggered])  # 8 clean, 8 triggered
     predictor = Predictor(loaded, torch.device("cpu"))
     batch_sizes: list[int] = []
@@ -185,7 +184,7 @@ def test_micro_batching_matches_the_router_image_for_image(synthetic: SyntheticB
         async def one(idx: list[int]) -> BatchOutcome:
             with batcher.incoming():
                 await asyncio.sleep(0)
-            return await batcher.submit(pool[idx])
+            return await batcher.enqueue(pool[idx])
 
         try:
             return await asyncio.gather(*(one(idx) for idx in requests))
@@ -204,17 +203,17 @@ def test_micro_batching_matches_the_router_image_for_image(synthetic: SyntheticB
 
 
 def test_a_lone_request_does_not_wait_for_company(synthetic: SyntheticBundle, loaded: LoadedBundle) -> None:
-    decoder = ImageDecoder(loaded.manifest.model.input, 10**6)
+    decoder = ImageDecoder.for_input(loaded.manifest.model.input, 10**6)
     image = decoder(synthetic.clean[0])[None]
     predictor = Predictor(loaded, torch.device("cpu"))
 
     async def run() -> float:
         batcher = MicroBatcher(predictor, max_batch_size=64, max_wait_s=2.0)
         batcher.start()
-        await batcher.submit(image)  # warm
+        await batcher.enqueue(image)  # warm
         loop = asyncio.get_running_loop()
         start = loop.time()
-        await batcher.submit(image)
+        await batcher.enqueue(image)
         elapsed = loop.time() - start
         await batcher.stop()
         return elapsed
