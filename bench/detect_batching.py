@@ -20,13 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bna_gateway.mitigation.detection.detect import all_pairs  # noqa: E402
-from bna_gateway.mitigation.detection.reverse import ReverseConfig, reverse_engineer  # noqa: E402
-from bna_gateway.mitigation.modeldir import load_clean_set, load_model_dir  # noqa: E402
+from bna_gateway.mitigation.detection import ReverseConfig
+from bna_gateway.mitigation.detection.reverse import reverse_engineer
+from bna_gateway.mitigation.detection.statistic import all_pairs
+from bna_gateway.mitigation.modeldir import ModelSource, load_clean_set, load_model_dir
+from bna_gateway.mitigation.triggers import family
 
 
 def _sync(device: torch.device) -> None:
@@ -57,7 +59,8 @@ def main() -> int:
     device = torch.device(args.device)
     loaded = load_model_dir(model_dir)
     model = loaded.classifier.to(device).eval()
-    clean = load_clean_set(loaded, None, args.clean_per_class, 0)
+    clean = load_clean_set(loaded, ModelSource(model_dir=model_dir, clean_per_class=args.clean_per_class), 0)
+    fam = family(args.family)
     x, y = clean.x.to(device), clean.y.to(device)
     k = loaded.spec.num_classes
     pairs = all_pairs(k)
@@ -69,11 +72,10 @@ def main() -> int:
     print(f"{args.family}: {len(pairs)} pairs x {cfg.steps} steps x {cfg.images_per_group} images; "
           f"batched passes hold up to {cfg.max_images_per_pass} images")
 
-    reverse_engineer(model, x, y, groups[:2], targets[:2], args.family,
-                     ReverseConfig(**{**cfg.__dict__, "steps": 3}))  # warm-up (allocator, kernels)
+    reverse_engineer(model, x, y, groups[:2], targets[:2], fam, replace(cfg, steps=3))  # warm-up (allocator, kernels)
     _sync(device)
     t = time.perf_counter()
-    batched = reverse_engineer(model, x, y, groups, targets, args.family, cfg)
+    batched = reverse_engineer(model, x, y, groups, targets, fam, cfg)
     _sync(device)
     t_batched = time.perf_counter() - t
     print(f"batched : {t_batched:8.1f} s for {len(pairs)} pairs")
@@ -81,7 +83,7 @@ def main() -> int:
     t = time.perf_counter()
     looped_sizes = []
     for i in range(n_loop):
-        r = reverse_engineer(model, x, y, groups[i : i + 1], targets[i : i + 1], args.family, cfg)
+        r = reverse_engineer(model, x, y, groups[i : i + 1], targets[i : i + 1], fam, cfg)
         looped_sizes.append(float(r.size[0]))
         if (i + 1) % 10 == 0 or i + 1 == n_loop:
             print(f"  loop: {i + 1}/{n_loop} pairs, {time.perf_counter() - t:.1f} s", flush=True)

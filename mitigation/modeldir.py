@@ -1,22 +1,56 @@
-"""Model directories (written by ``bna train``) and bring-your-own models, loaded the same way."""
+"""Where the model under test comes from: a model directory (``bna train``) or the owner's own network.
+
+``ModelSource`` says which (typed; the CLI builds it from ``--model`` or the bring-your-own flags),
+``load_model`` loads it, and ``load_clean_set`` gives the defender's clean images: a folder of class
+sub-folders, or the model directory's own split. docs/cli.md#bring-your-own-model.
+"""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bna_gateway.mitigation.imagefolder import DatasetError, ImageSet, read_image_folder
+from bna_gateway.mitigation.lab.attacks import AttackSpec
+from bna_gateway.mitigation.lab.datasets import load_ref
 from bna_gateway.models.network import Classifier, build_classifier, load_weights, save_weights
 from bna_gateway.models.spec import InputSpec, ModelSpec
-from bna_gateway.mitigation.attacks import AttackSpec
-from bna_gateway.mitigation.datasets import DatasetError, ImageSet, load_ref, read_image_folder
 
 MODEL_JSON = "model.json"
 ATTACK_JSON = "attack.json"
 METRICS_JSON = "metrics.json"
 
 
-@dataclass
+@dataclass(frozen=True)
+class ByoModel:
+    """An owner's network: a built-in name or import path ``package.module:factory``, its state dict,
+    and the input it expects (images scaled to [0, 1], then ``(x - mean) / std`` per channel)."""
+
+    arch: str
+    weights: Path
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...] | None = None  # default 0 per channel
+    std: tuple[float, ...] | None = None  # default 1 per channel
+    class_names: list[str] | None = None  # default: the clean folder's sub-folder names
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model under test (a model directory or a ``ByoModel``) and the defender's clean images."""
+
+    model_dir: Path | None = None
+    byo: ByoModel | None = None
+    clean_dir: Path | None = None
+    clean_per_class: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.model_dir is None) == (self.byo is None):
+            raise ValueError("give --model DIR (from 'bna train') or --arch with --weights and --clean")
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     spec: ModelSpec
     classifier: Classifier
@@ -46,62 +80,37 @@ def load_model_dir(path: str | Path) -> LoadedModel:
     return LoadedModel(spec, clf, attack, path)
 
 
-def _floats(raw: str | None, what: str) -> tuple[float, ...] | None:
-    if raw is None:
-        return None
-    try:
-        return tuple(float(v) for v in raw.split(","))
-    except ValueError as exc:
-        raise ValueError(f"{what} must be comma-separated numbers, got {raw!r}") from exc
-
-
-def load_byo(arch: str, weights: str | None, clean: str | None, input_shape: str | None, mean: str | None,
-             std: str | None, class_names: str | None, arch_kwargs: str = "{}") -> LoadedModel:
-    """A user's model: import path + state dict + input description (+ class names from the clean folder)."""
-    if not weights:
-        raise ValueError("--arch without --model needs --weights (a state dict file)")
-    if not input_shape:
-        raise ValueError("--arch without --model needs --input-shape C,H,W")
-    shape = tuple(int(v) for v in input_shape.split(","))
-    if len(shape) != 3:
-        raise ValueError(f"--input-shape must be C,H,W, got {input_shape!r}")
-    c = shape[0]
-    names = class_names.split(",") if class_names else None
+def load_byo(byo: ByoModel, clean_dir: Path | None) -> LoadedModel:
+    """An owner's model; its class names from ``byo`` or the clean folder's sub-folders."""
+    c = byo.input_shape[0]
+    names = byo.class_names
     if names is None:
-        if not clean:
+        if clean_dir is None:
             raise ValueError("give --class-names or a --clean folder whose sub-folders name the classes")
-        root = Path(clean)
-        if not root.is_dir():
-            raise DatasetError(f"clean folder {root} does not exist (expected one sub-folder per class)")
-        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    spec = ModelSpec(
-        arch=arch,
-        arch_kwargs=json.loads(arch_kwargs or "{}"),
-        input=InputSpec(shape=shape, mean=_floats(mean, "--mean") or (0.0,) * c, std=_floats(std, "--std") or (1.0,) * c),
-        class_names=names,
-    )
+        if not Path(clean_dir).is_dir():
+            raise DatasetError(f"clean folder {clean_dir} does not exist (expected one sub-folder per class)")
+        names = sorted(p.name for p in Path(clean_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
+    spec = ModelSpec(arch=byo.arch, arch_kwargs=dict(byo.arch_kwargs), class_names=names,
+                     input=InputSpec(shape=byo.input_shape, mean=byo.mean or (0.0,) * c, std=byo.std or (1.0,) * c))
     clf = build_classifier(spec)
-    load_weights(clf.net, Path(weights))
+    load_weights(clf.net, byo.weights)
     clf.eval()
     return LoadedModel(spec, clf)
 
 
-def load_clean_set(model: LoadedModel, clean: str | None, per_class: int | None, seed: int = 0) -> ImageSet:
-    """The defender's clean set: a folder of class sub-folders, or the model directory's own split."""
-    if clean:
+def load_model(source: ModelSource) -> LoadedModel:
+    if source.model_dir is not None:
+        return load_model_dir(source.model_dir)
+    assert source.byo is not None
+    return load_byo(source.byo, source.clean_dir)
+
+
+def load_clean_set(model: LoadedModel, source: ModelSource, seed: int = 0) -> ImageSet:
+    """The defender's clean set: the source's clean folder, or the model directory's own split."""
+    if source.clean_dir is not None:
         c, h, w = model.spec.input.shape
-        data, names, _ = read_image_folder(clean, channels=c, size=(h, w), class_names=model.spec.class_names)
-        return data.per_class(per_class, seed)
+        data, _, _ = read_image_folder(source.clean_dir, channels=c, size=(h, w), class_names=model.spec.class_names)
+        return data.per_class(source.clean_per_class, seed)
     if model.spec.dataset is None:
         raise ValueError("this model has no dataset on record: pass --clean FOLDER (one sub-folder per class)")
-    return load_ref(model.spec.dataset).clean.per_class(per_class, seed)
-
-
-def resolve_model(args: Any) -> LoadedModel:
-    """``--model DIR`` or the bring-your-own flags."""
-    if getattr(args, "model", None):
-        return load_model_dir(args.model)
-    if getattr(args, "arch", None):
-        return load_byo(args.arch, args.weights, args.clean, args.input_shape, args.mean, args.std,
-                        args.class_names, args.arch_kwargs)
-    raise ValueError("give --model DIR (from 'bna train') or --arch with --weights and --clean")
+    return load_ref(model.spec.dataset).clean.per_class(source.clean_per_class, seed)

@@ -11,9 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bna_gateway.models.bundle import LoadedBundle  # noqa: E402
-from bna_gateway.mitigation.attacks import Trigger  # noqa: E402
 from bna_gateway.mitigation.bna.stats import capture_bn_outputs, channel_view  # noqa: E402
+from bna_gateway.mitigation.evaluation import Evaluation  # noqa: E402
+from bna_gateway.models.bundle import LoadedBundle  # noqa: E402
 
 
 def _fmt(v: Any) -> str:
@@ -54,20 +54,19 @@ def _layer_outputs(model: nn.Module, x: torch.Tensor, layer: str, stats: dict | 
     return got[layer]
 
 
-def plot_neuron(bundle: LoadedBundle, target: int, clean: torch.Tensor, trigger: Trigger, path: Path) -> str | None:
+def plot_neuron(bundle: LoadedBundle, target: int, clean: torch.Tensor, trigger: nn.Module, path: Path) -> str | None:
     """The paper's Figure 1: one strongly shifted neuron's activations, clean / triggered / triggered via twin."""
     entry = next((t for t in bundle.manifest.twins if t.target == target), None)
     if entry is None or not entry.divergence_before or len(clean) == 0:
         return None
     layer = max(entry.divergence_before, key=entry.divergence_before.__getitem__)
     model = bundle.classifier
-    full = f"net.{layer}"
     trig = trigger(clean)
-    a_clean = _layer_outputs(model, clean, full)
-    a_trig = _layer_outputs(model, trig, full)
+    a_clean = _layer_outputs(model, clean, layer)
+    a_trig = _layer_outputs(model, trig, layer)
     stats = bundle.router.twin_stats[target]
-    twin_stats = {f"net.{n}": (stats.running_mean[n], stats.running_var[n]) for n in stats.running_mean}
-    a_twin = _layer_outputs(model, trig, full, twin_stats)
+    twin_stats = {n: (stats.running_mean[n], stats.running_var[n]) for n in stats.running_mean}
+    a_twin = _layer_outputs(model, trig, layer, twin_stats)
     shift = (a_trig.mean(1) - a_clean.mean(1)).abs() / (a_clean.std(1) + 1e-6)
     ch = int(shift.argmax())
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -87,8 +86,8 @@ def plot_neuron(bundle: LoadedBundle, target: int, clean: torch.Tensor, trigger:
     return Path(path).name
 
 
-def write_report(out: Path, bundle: LoadedBundle, evaluation: dict[str, Any] | None,
-                 neuron_inputs: dict[int, tuple[torch.Tensor, Trigger]] | None = None,
+def write_report(out: Path, bundle: LoadedBundle, evaluation: Evaluation | None,
+                 neuron_inputs: dict[int, tuple[torch.Tensor, nn.Module]] | None = None,
                  detection_pictures: list[str] | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,19 +96,19 @@ def write_report(out: Path, bundle: LoadedBundle, evaluation: dict[str, Any] | N
              f"Bundle `{m.bundle_version}` - architecture `{m.model.arch}`, {m.model.num_classes} classes, "
              f"input {tuple(m.model.input.shape)}.", ""]
     lines += ["## Detection", "", f"Detected targets: {m.detection.detected_targets or 'none'} "
-              f"(MAD threshold {m.detection.threshold:g}, trigger type {m.detection.trigger_type}).", ""]
+              f"(MAD threshold {_fmt(m.detection.threshold)}, trigger type {m.detection.trigger_type}).", ""]
     for t in m.twins:
         lines.append(f"- target {t.target}: sources {t.sources}, anomaly score {_fmt(t.score)}, "
                      f"serving margin {t.flag_margin:.3f}")
     for pic in detection_pictures or []:
         lines += ["", f"![{pic}]({pic})"]
     if evaluation:
-        v, mi, td = evaluation["vanilla"], evaluation["mitigated"], evaluation["trigger_detection"]
+        v, mi = evaluation.vanilla, evaluation.mitigated
         lines += ["", "## Metrics (held-out test split)", "", "| model | ACC | ASR | SIA |", "|---|---|---|---|",
-                  f"| f (vanilla) | {_fmt(v['acc'])} | {_fmt(v['asr'])} | {_fmt(v['sia'])} |",
-                  f"| gateway (f + twins) | {_fmt(mi['acc'])} | {_fmt(mi['asr'])} | {_fmt(mi['sia'])} |", "",
-                  f"Trigger detection: TPR {_fmt(td['tpr'])}, FPR {_fmt(td['fpr'])} (clean images of the detected "
-                  f"target classes flagged). DER {_fmt(evaluation.get('der'))}."]
+                  f"| f (vanilla) | {_fmt(v.acc)} | {_fmt(v.asr)} | {_fmt(v.sia)} |",
+                  f"| gateway (f + twins) | {_fmt(mi.acc)} | {_fmt(mi.asr)} | {_fmt(mi.sia)} |", "",
+                  f"Trigger detection: TPR {_fmt(evaluation.tpr)}, FPR {_fmt(evaluation.fpr)} (clean images of the "
+                  f"detected target classes flagged). DER {_fmt(evaluation.der)}."]
     pic = plot_layer_divergence(bundle, out / "layer_divergence.png")
     if pic:
         lines += ["", "## Divergence per BN layer", "", f"![per-layer divergence]({pic})"]

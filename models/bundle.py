@@ -45,7 +45,7 @@ class DetectionSummary(BaseModel):
     detected_targets: list[int] = Field(default_factory=list)
     sources: dict[str, list[int]] = Field(default_factory=dict)
     scores: dict[str, float] = Field(default_factory=dict)
-    threshold: float = 7.0
+    threshold: float | None = None  # the MAD threshold detection used (None: not recorded)
     trigger_type: str | None = None
 
 

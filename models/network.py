@@ -37,6 +37,15 @@ class Classifier(nn.Module):
         return self.net(self.normalize(x))
 
 
+def backbone(model: nn.Module) -> tuple[nn.Module, str]:
+    """The network whose BatchNorm statistics a twin replaces, and its name prefix inside ``model``:
+    a ``Classifier``'s ``net`` (prefix ``"net."``), or any other module itself (prefix ``""``). Twin
+    statistics are keyed by BN layer names relative to it, so they do not depend on the wrapper."""
+    if isinstance(model, Classifier):
+        return model.net, "net."
+    return model, ""
+
+
 def bn_layers(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     """Every BatchNorm layer with running statistics, found by type whatever the model calls it."""
     return {

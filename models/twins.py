@@ -1,9 +1,9 @@
 """Twin execution: one copy of the weights, one small set of BatchNorm statistics per target class.
 
-``route`` is the serving rule shared by evaluation and the gateway:
+The serving rule, shared by evaluation, the gateway and the offline calibration of the margin:
 ``y = f(x)``; for images with ``y == t`` (t a detected target) run ``g(x | Theta_t)``; the image is
-flagged when the twin moves it away from ``t`` by more than the calibrated margin, and then the twin's
-label is returned.
+flagged when the twin's margin away from ``t`` (``twin_margin``) exceeds the twin's calibrated
+``flag_margin``, and then the twin's label is returned. docs/method.md#serving-rule.
 """
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from bna_gateway.models.network import bn_layers
+from bna_gateway.models.network import backbone, bn_layers
+
+
+def twin_margin(twin_probs: torch.Tensor, target: int) -> torch.Tensor:
+    """[N] how far the twin moves each image away from ``target``: the largest probability of another
+    class minus the target's (positive: the twin prefers another class). The one quantity both the
+    serving rule and its calibration on the defender's clean images look at."""
+    others = twin_probs.clone()
+    others[:, target] = -1.0
+    return others.max(dim=1).values - twin_probs[:, target]
 
 
 @dataclass
@@ -60,11 +69,11 @@ class RoutedBatch:
 class TwinRouter(nn.Module):
     """Serves ``f`` and its twins; ``forward`` applies the routing rule to a batch."""
 
-    def __init__(self, classifier: nn.Module, twins: list[TwinStats], bn_prefix: str = "net.") -> None:
+    def __init__(self, classifier: nn.Module, twins: list[TwinStats]) -> None:
         super().__init__()
         self.classifier = classifier
-        self.bn_prefix = bn_prefix
-        names = set(bn_layers(getattr(classifier, "net", classifier)))
+        net, self.bn_prefix = backbone(classifier)
+        names = set(bn_layers(net))
         self._twins: dict[int, dict[str, torch.Tensor]] = {}
         self.twin_stats: dict[int, TwinStats] = {}
         for twin in twins:
@@ -72,7 +81,7 @@ class TwinRouter(nn.Module):
             if unknown:
                 raise ValueError(f"twin for class {twin.target} names BN layers the model lacks: {sorted(unknown)[:3]}")
             self.twin_stats[twin.target] = twin
-            self._twins[twin.target] = twin.buffers(bn_prefix)
+            self._twins[twin.target] = twin.buffers(self.bn_prefix)
 
     @property
     def targets(self) -> list[int]:
@@ -104,10 +113,7 @@ class TwinRouter(nn.Module):
                 continue
             g_probs = self.twin_logits(x[idx], target).softmax(dim=1)
             g_conf, g_label = g_probs.max(dim=1)
-            others = g_probs.clone()
-            others[:, target] = -1.0
-            margin = others.max(dim=1).values - g_probs[:, target]
-            flag = margin > self.twin_stats[target].flag_margin
+            flag = twin_margin(g_probs, target) > self.twin_stats[target].flag_margin
             checked[idx] = True
             flagged[idx] = flag
             label[idx] = torch.where(flag, g_label, original[idx])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bna_gateway.mitigation.attacks import ATTACKS, AttackSpec, build_trigger, parse_params
+from bna_gateway.mitigation.lab.attacks import ATTACKS, AttackSpec, build_trigger, parse_params
 
 SHAPE_1 = (1, 16, 16)
 SHAPE_3 = (3, 16, 16)

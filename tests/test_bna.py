@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 import tiny_models as tm
-from bna_gateway.mitigation.attacks import Additive
+from bna_gateway.mitigation.bna import BNAConfig, TwinFit, fit_twin
+from bna_gateway.mitigation.bna.fit import embed_round_robin, fit_sets, lr_factor
 from bna_gateway.mitigation.bna.histogram import BinSpec, divergence, hard_histogram, soft_histogram
-from bna_gateway.mitigation.bna.optimise import BNAConfig, TwinFit, embed_round_robin, fit_twin
 from bna_gateway.mitigation.bna.stats import channel_view
-from bna_gateway.mitigation.detection.detect import TargetTrigger
+from bna_gateway.mitigation.detection import TargetTrigger
+from bna_gateway.mitigation.triggers import PERTURBATION, Identity, Trigger
 from bna_gateway.models.network import bn_layers
 from bna_gateway.models.twins import TwinRouter, TwinStats
 
@@ -99,7 +100,7 @@ def test_channel_view_grid_keeps_the_same_positions_of_every_image() -> None:
 # ---------------------------------------------------------------- trigger variants
 def test_round_robin_gives_image_i_the_trigger_i_mod_k() -> None:
     x = torch.full((7, 1, 4, 4), 0.5)
-    trigs = [Additive(torch.full((1, 4, 4), d)) for d in (0.1, 0.2, 0.3)]
+    trigs = [Trigger(PERTURBATION, {"delta": torch.full((1, 4, 4), d)}) for d in (0.1, 0.2, 0.3)]
     out = embed_round_robin(x, trigs, chunk=2)
     assert [round(float(v), 3) for v in out[:, 0, 0, 0]] == [0.6, 0.7, 0.8, 0.6, 0.7, 0.8, 0.6]
 
@@ -222,38 +223,34 @@ def test_twin_on_a_model_with_its_own_layer_names() -> None:
         net(x)  # give the BN layers data statistics
     net.eval()
     assert set(bn_layers(net)) == {"features.1", "head.2"}
-    trigger = Additive(torch.full((1, 8, 8), 0.3))
-    fit = fit_twin(net, 0, x, y, [1, 2], trigger, BNAConfig(steps=5, progress=False), bn_prefix="")
+    trigger = Trigger(PERTURBATION, {"delta": torch.full((1, 8, 8), 0.3)})
+    fit = fit_twin(net, 0, x, y, [1, 2], trigger, BNAConfig(steps=5, progress=False))
     assert set(fit.stats.running_mean) == {"features.1", "head.2"}
-    out = TwinRouter(net, [fit.stats], bn_prefix="")(trigger(x))
+    out = TwinRouter(net, [fit.stats])(trigger(x))
     assert len(out) == 90
 
 
-def test_aux_classes_join_the_fit_and_the_sources_are_repeated_to_weigh_as_much(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bna_gateway.mitigation.bna import optimise
-
+def test_aux_classes_join_the_fit_and_the_sources_are_repeated_to_weigh_as_much() -> None:
     m = tm.backdoored()
     x, y = m.data.clean.x, m.data.clean.y
     aux = [c for c in range(tm.NUM_CLASSES) if c not in (0, tm.TARGET)]
-    seen: list[torch.Tensor] = []
-    real = optimise.embed_round_robin
-    monkeypatch.setattr(optimise, "embed_round_robin", lambda src, t, c: seen.append(src) or real(src, t, c))
+    variants = [m.trigger, Identity()]  # two variants: the trigger, and none
     with tm.one_thread():  # the source and the target in aux are ignored
-        fit_twin(m.classifier, tm.TARGET, x, y, [0], m.trigger, BNAConfig(steps=2, progress=False),
-                 aux=[*aux, 0, tm.TARGET])
-    n_src, n_aux = int((y == 0).sum()), int(torch.isin(y, torch.tensor(aux)).sum())
+        ref_x, cand_x, clean_target = fit_sets(x, y, tm.TARGET, [0], [*aux, 0, tm.TARGET], variants, BNAConfig())
+    n_src, n_aux, n_tgt = int((y == 0).sum()), int(torch.isin(y, torch.tensor(aux)).sum()), int((y == tm.TARGET).sum())
     reps = round(n_aux / n_src)
-    assert reps >= 2 and len(seen) == 1 and len(seen[0]) == n_src * reps + n_aux
+    assert reps >= 2 and len(ref_x) == len(cand_x) == n_src * reps + n_aux + n_tgt
     # consecutive copies of one source image: round-robin gives each copy the next variant
-    assert torch.equal(seen[0][:reps], x[y == 0][:1].expand(reps, *x.shape[1:]))
+    assert torch.equal(ref_x[:reps], x[y == 0][:1].expand(reps, *x.shape[1:]))
+    first = x[y == 0][:1]
+    assert torch.equal(cand_x[:1], m.trigger(first)) and torch.equal(cand_x[1:2], first)
+    assert torch.equal(clean_target, x[y == tm.TARGET]) and torch.equal(cand_x[-n_tgt:], clean_target)
 
 
 def test_learning_rate_warms_up_linearly_then_holds() -> None:
-    from bna_gateway.mitigation.bna.optimise import _lr_factor
-
     cfg = BNAConfig(steps=60, warmup=10)
-    factors = [_lr_factor(i, cfg) for i in range(60)]
+    factors = [lr_factor(i, cfg) for i in range(60)]
     assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
     assert all(a < b for a, b in zip(factors[:10], factors[1:11]))
     assert factors[10:] == [1.0] * 50
-    assert _lr_factor(0, BNAConfig(warmup=0)) == 1.0
+    assert lr_factor(0, BNAConfig(warmup=0)) == 1.0

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from bna_gateway.mitigation.attacks import AttackSpec, build_trigger
-from bna_gateway.mitigation.datasets import Dataset, ImageSet, make_synthetic, read_image_folder
-from bna_gateway.mitigation.training import TrainConfig, train_classifier
+from bna_gateway.mitigation.lab.attacks import AttackSpec, build_trigger
+from bna_gateway.mitigation.lab.datasets import Dataset, ImageSet, make_synthetic, read_image_folder
+from bna_gateway.mitigation.lab.training import TrainConfig, train_classifier
 from bna_gateway.models.bundle import load_bundle, verify_bundle
 from bna_gateway.models.network import Classifier, bn_layers
 from bna_gateway.models.spec import InputSpec

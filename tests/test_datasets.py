@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bna_gateway.mitigation.datasets import (
+from bna_gateway.mitigation.lab.datasets import (
     CIFAR_CLASSES,
     DatasetError,
     load_cifar10,

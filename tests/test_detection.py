@@ -1,9 +1,9 @@
-"""Detection: MAD, the batched pair optimisation, the flagging logic, and detection.json.
+"""Detection: MAD, the batched pair optimisation, the stages, and detection.json.
 
 Two kinds of test:
-- the orchestration (which pairs are flagged, targets, sources, all-to-all false-pair elimination,
-  each family against its own median) on planted trigger sizes, with the optimiser replaced by a table,
-  so every branch is exercised exactly and quickly;
+- the stages (which pairs are flagged, targets, sources, all-to-all false-pair elimination, each family
+  against its own median) on planted trigger sizes: ``detect_backdoor`` is given a table as its
+  optimiser, so every branch is exercised exactly and quickly;
 - the real optimiser on a tiny trained model (``tests/tiny_models.py``): every kept trigger really
   reaches the success threshold, chunking keeps the results, runs are deterministic, and
   ``bna detect``'s files read back.
@@ -12,20 +12,29 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 import tiny_models as tm
-from bna_gateway.mitigation.detection import detect as detect_mod
-from bna_gateway.mitigation.detection.detect import (DetectionConfig, DetectionResult, PairRecord, TargetTrigger, all_pairs,
-                                         detect_backdoor)
-from bna_gateway.mitigation.detection.io import read_triggers, scores_table, write_detection
-from bna_gateway.mitigation.detection.mad import MAD_CONSISTENCY, mad_scores
-from bna_gateway.mitigation.detection.reverse import (ReverseConfig, ReverseResult, group_index, image_targets, reverse_engineer,
-                                          success_rate)
-from bna_gateway.mitigation.detection.triggers import PairTriggers
+from bna_gateway.mitigation.detection import DetectionConfig, DetectionResult, ReverseConfig, TargetTrigger, detect_backdoor
+from bna_gateway.mitigation.detection.io import read_detection, write_detection
+from bna_gateway.mitigation.detection.records import (AddedSource, Elimination, FamilyEvidence, PairRecord,
+                                                      Transfer)
+from bna_gateway.mitigation.detection.reverse import (ReverseResult, calibrate, group_index, image_targets,
+                                                      reverse_engineer, success_rate)
+from bna_gateway.mitigation.detection.stages.common import sources_sharing
+from bna_gateway.mitigation.detection.stages.expand import expand_sources
+from bna_gateway.mitigation.detection.stages.scan import PairScan
+from bna_gateway.mitigation.detection.stages.share import share_patches
+from bna_gateway.mitigation.detection.stages.transfer import transfer_triggers
+from bna_gateway.mitigation.detection.statistic import (MAD_CONSISTENCY, all_pairs, mad_scores, pair_statistic,
+                                                        resolve_statistic)
+from bna_gateway.mitigation.detection.suspect import Suspect
+from bna_gateway.mitigation.detection.table import scores_table
+from bna_gateway.mitigation.triggers import PATCH, PERTURBATION, Trigger, family
 
 FAST = ReverseConfig(steps=40, images_per_group=4, progress=False)
 
@@ -79,18 +88,19 @@ class PlantedOptimiser:
         self.single, self.joint, self.default = single, joint, default
         self.calls: list[tuple[str, int]] = []
 
-    def __call__(self, model, x, y, groups, targets, family, cfg, desc=""):  # noqa: ANN001, ANN204
-        self.calls.append((family, len(groups)))
+    def __call__(self, model, x, y, groups, targets, fam, cfg, desc=""):  # noqa: ANN001, ANN204
+        name = fam.name
+        self.calls.append((name, len(groups)))
         sizes = []
         for g, t in zip(groups, targets):
             if len(g) == 1:
-                sizes.append(self.single.get(family, {}).get((g[0], t), self.default))
+                sizes.append(self.single.get(name, {}).get((g[0], t), self.default))
             else:
-                sizes.append(self.joint.get((tuple(sorted(g)), t), min(self.single[family][(s, t)] for s in g)))
+                sizes.append(self.joint.get((tuple(sorted(g)), t), min(self.single[name][(s, t)] for s in g)))
         n = len(groups)
-        tensors = {"delta": torch.zeros(n, *x.shape[1:])} if family == "perturbation" else \
+        tensors = {"delta": torch.zeros(n, *x.shape[1:])} if name == "perturbation" else \
             {"mask": torch.zeros(n, 1, *x.shape[2:]), "pattern": torch.zeros(n, *x.shape[1:])}
-        return ReverseResult(family, torch.tensor(sizes), torch.ones(n), tensors)
+        return ReverseResult(fam, torch.tensor(sizes), torch.ones(n), tensors)
 
 
 def _jitter(pairs: list[tuple[int, int]], base: float, seed: int) -> dict[tuple[int, int], float]:
@@ -100,7 +110,7 @@ def _jitter(pairs: list[tuple[int, int]], base: float, seed: int) -> dict[tuple[
 
 
 @pytest.fixture
-def run_planted(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def run_planted():  # noqa: ANN201
     k = 10
     x = torch.rand(k * 3, 1, 8, 8)
     y = torch.arange(k).repeat_interleave(3)
@@ -109,12 +119,11 @@ def run_planted(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     def run(single: dict[str, dict], joint: dict | None = None, trigger_type: str = "perturbation",  # noqa: ANN202
             threshold: float = 7.0):
         fake = PlantedOptimiser(single, joint or {})
-        monkeypatch.setattr(detect_mod, "reverse_engineer", fake)
         # source expansion and trigger transfer run the real model on the planted (zero) triggers: tested on
         # their own below
         cfg = DetectionConfig(trigger_type=trigger_type, threshold=threshold, expand_sources=None,
                               transfer_success=None)
-        return detect_backdoor(model, x, y, k, cfg), fake
+        return detect_backdoor(model, x, y, k, cfg, optimiser=fake), fake
 
     return run
 
@@ -166,21 +175,20 @@ def test_a_source_that_is_easy_to_turn_into_anything_is_not_a_backdoor(run_plant
     assert res.statistic == "source"
     assert res.detected_targets == [9]
     assert {(p.source, p.target) for p in res.pairs if p.flagged} == {(s, 9) for s in range(9) if s != 1}
-    plain = mad_scores(detect_mod.pair_statistic(torch.tensor([sizes[p] for p in all_pairs(10)]), all_pairs(10), 10,
-                                                 "plain"))
+    plain = mad_scores(pair_statistic(torch.tensor([sizes[p] for p in all_pairs(10)]), all_pairs(10), 10, "plain"))
     assert int((plain > 7).sum()) > 8  # with 1/size alone, the easy source's pairs would be flagged too
 
 
 def test_pair_statistic_variants() -> None:
     pairs = all_pairs(3)
     size = torch.tensor([1.0, 2.0, 4.0, float("inf"), 0.5, 1.0])
-    plain = detect_mod.pair_statistic(size, pairs, 3, "auto")  # fewer than 5 classes: plain
+    plain = pair_statistic(size, pairs, 3, "auto")  # fewer than 5 classes: plain
     assert torch.allclose(plain[[0, 1, 2, 4, 5]], 1 / size[[0, 1, 2, 4, 5]]) and torch.isnan(plain[3])
-    src = detect_mod.pair_statistic(size, pairs, 3, "source")  # source 0 -> {1: 1, 2: 2}: median 1
+    src = pair_statistic(size, pairs, 3, "source")  # source 0 -> {1: 1, 2: 2}: median 1
     assert float(src[0]) == pytest.approx(1.0) and float(src[1]) == pytest.approx(0.5)
-    assert detect_mod.resolve_statistic("auto", 10) == "source"
+    assert resolve_statistic("auto", 10) == "source"
     with pytest.raises(ValueError, match="use plain, source or auto"):
-        detect_mod.pair_statistic(size, pairs, 3, "zscore")
+        pair_statistic(size, pairs, 3, "zscore")
 
 
 def test_all_to_all_keeps_true_pairs_and_eliminates_a_false_one(run_planted) -> None:  # noqa: ANN001
@@ -192,8 +200,7 @@ def test_all_to_all_keeps_true_pairs_and_eliminates_a_false_one(run_planted) -> 
     res, _ = run_planted({"perturbation": sizes}, joint)
     assert res.detected_targets == list(range(10))
     assert res.sources == {t: [(t - 1) % 10] for t in range(10)}
-    assert res.eliminated == [{"source": 5, "target": 7, "joint_size": pytest.approx(0.9),
-                               "smallest_size": pytest.approx(0.23)}]
+    assert res.eliminated == [Elimination(5, 7, pytest.approx(0.9), pytest.approx(0.23))]
     flagged = {(p.source, p.target) for p in res.pairs if p.flagged}
     assert flagged == {(c, (c + 1) % 10) for c in range(10)}
 
@@ -218,8 +225,8 @@ def test_each_family_is_judged_against_its_own_median(run_planted) -> None:  # n
     assert res.triggers[9].family == "patch"
     rec = next(p for p in res.pairs if (p.source, p.target) == (0, 9))
     assert rec.family == "patch" and set(rec.by_family) == {"patch", "perturbation"}
-    assert rec.by_family["patch"]["score"] > 7 > abs(rec.by_family["perturbation"]["score"])
-    assert not res.triggers[9].also  # not anomalous as a perturbation: no second estimate
+    assert rec.by_family["patch"].score > 7 > abs(rec.by_family["perturbation"].score)
+    assert not res.triggers[9].alternatives  # not anomalous as a perturbation: no second estimate
 
 
 def test_a_target_anomalous_in_both_families_is_estimated_in_both(run_planted) -> None:  # noqa: ANN001
@@ -231,8 +238,8 @@ def test_a_target_anomalous_in_both_families_is_estimated_in_both(run_planted) -
             pert[(s, 9)] = 0.2
     res, fake = run_planted({"patch": patch, "perturbation": pert}, trigger_type="both")
     trig = res.triggers[9]
-    assert res.detected_targets == [9] and trig.family == "patch" and set(trig.also) == {"perturbation"}
-    assert set(trig.also["perturbation"]) == {"delta"}
+    assert res.detected_targets == [9] and trig.family == "patch" and set(trig.alternatives) == {"perturbation"}
+    assert set(trig.alternatives["perturbation"]) == {"delta"}
     # the other family's estimate runs on its own, after the target's own batch (joint + smallest alone)
     assert fake.calls == [("patch", 90), ("perturbation", 90), ("patch", 2), ("perturbation", 1)]
     assert len(trig.variants()) == 1 + 3  # the stamped patch, and the perturbation at three strengths
@@ -252,14 +259,16 @@ def test_sources_under_the_threshold_join_when_the_targets_trigger_works_on_them
                          1.0, 9.0, 10.0)
     wrong = TargetTrigger(1, [3], "patch", {"mask": torch.zeros(1, *x.shape[2:]), "pattern": torch.zeros(x.shape[1:])},
                           1.0, 0.0, 8.0)  # does nothing: no class joins target 1
+    given = {tm.TARGET: trig, 1: wrong}
     with tm.one_thread():
-        added = detect_mod._expand_sources(tiny.classifier, x, y, {tm.TARGET: trig, 1: wrong}, tm.NUM_CLASSES,
-                                           DetectionConfig(expand_sources=0.5))
+        out, added = expand_sources(Suspect(tiny.classifier, x, y, tm.NUM_CLASSES), given,
+                                    DetectionConfig(expand_sources=0.5))
     others = [c for c in range(tm.NUM_CLASSES) if c not in (0, tm.TARGET)]
-    assert trig.sources == sorted([0, *others])
-    assert [(a["source"], a["target"]) for a in added] == [(c, tm.TARGET) for c in others]
-    assert all(a["asr"] >= 0.5 for a in added)
-    assert wrong.sources == [3]
+    assert out[tm.TARGET].sources == sorted([0, *others])
+    assert [(a.source, a.target) for a in added] == [(c, tm.TARGET) for c in others]
+    assert all(a.asr >= 0.5 for a in added)
+    assert out[1].sources == [3]
+    assert given[tm.TARGET].sources == [0], "a stage returns new values; its input is left as it was"
 
 
 class Staircase(torch.nn.Module):
@@ -274,21 +283,25 @@ class Staircase(torch.nn.Module):
         return -(x.flatten(1).mean(1, keepdim=True) - self.levels).abs() * 100
 
 
+def _levels(k: int, per_class: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.arange(k).repeat_interleave(per_class)
+    return (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous(), y
+
+
 def test_a_targets_trigger_that_moves_other_classes_elsewhere_reveals_missed_targets() -> None:
     k = 6
-    y = torch.arange(k).repeat_interleave(4)
-    x = (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    x, y = _levels(k)
     trig = TargetTrigger(1, [0], "perturbation", {"delta": torch.full((1, 4, 4), 0.1)}, 1.0, 0.4, 9.0)
-    triggers = {1: trig}
-    added = detect_mod._expand_sources(Staircase(k), x, y, triggers, k, DetectionConfig())
+    triggers, added = expand_sources(Suspect(Staircase(k), x, y, k), {1: trig}, DetectionConfig())
     # classes 1..4 go to 2..5, none of them a target yet: each becomes one, with its source and this trigger;
     # class 5 goes nowhere (its next level does not exist)
-    assert [(a["source"], a["target"], a["trigger_of"]) for a in added] == [(c, c + 1, 1) for c in range(1, 5)]
-    assert sorted(triggers) == [1, 2, 3, 4, 5] and trig.sources == [0]
+    assert [(a.source, a.target, a.trigger_of) for a in added] == [(c, c + 1, 1) for c in range(1, 5)]
+    assert sorted(triggers) == [1, 2, 3, 4, 5] and triggers[1].sources == [0]
     # the twins learn from every class the trigger moves (0..4), not only from their one source
-    assert trig.fit_classes == [2, 3, 4] and triggers[2].fit_classes == [0, 3, 4]
-    assert all(triggers[t].sources == [t - 1] and torch.equal(triggers[t].tensors["delta"], trig.tensors["delta"]) for t in range(2, 6))
-    text = scores_table({"pairs": [], "threshold": 7.0, "added_sources": added})
+    assert triggers[1].fit_classes == [2, 3, 4] and triggers[2].fit_classes == [0, 3, 4]
+    assert all(triggers[t].sources == [t - 1] and torch.equal(triggers[t].tensors["delta"], trig.tensors["delta"])
+               for t in range(2, 6))
+    text = scores_table(DetectionResult([], 7.0, "perturbation", triggers, 0.0, {}, added_sources=added))
     assert "target 2 (source 1) added: the trigger of target 1 sends 100% of class 1's clean images there" in text
 
 
@@ -300,50 +313,47 @@ def _stamp(pixels: list[int], value: float) -> dict[str, torch.Tensor]:
 
 def test_patch_targets_that_fire_each_others_sources_are_fitted_on_the_union_of_their_patches() -> None:
     k = 8
-    y = torch.arange(k).repeat_interleave(4)
-    x = (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    x, y = _levels(k)
     # two partial estimates of one all-to-all stamp: different pixels, each lifts a class by one level
     one = TargetTrigger(1, [0], "patch", _stamp([0, 1], 0.8), 1.0, 2.0, 9.0)
     two = TargetTrigger(2, [1], "patch", _stamp([2, 3], 0.8), 1.0, 2.0, 9.0)
     far = TargetTrigger(5, [3], "patch", _stamp([8, 9, 10, 11, 12, 13], 0.83), 1.0, 6.0, 9.0)  # lifts by two
-    triggers = {1: one, 2: two, 5: far}
-    detect_mod._share_patches(Staircase(k), x, y, triggers, k, DetectionConfig())
-    assert one.shared_with == [2] and two.shared_with == [1] and not far.also and not far.shared_with
-    union = one.also["shared"]
+    out = share_patches(Suspect(Staircase(k), x, y, k), {1: one, 2: two, 5: far}, DetectionConfig())
+    one, two, far = out[1], out[2], out[5]
+    assert one.shared_with == [2] and two.shared_with == [1] and not far.alternatives and not far.shared_with
+    union = one.alternatives["shared"]
     assert torch.equal(union["mask"], _stamp([0, 1, 2, 3], 0.8)["mask"])
     assert torch.allclose(union["pattern"][0, 0, :4], torch.full((4,), 0.8))
-    assert torch.equal(two.also["shared"]["mask"], union["mask"])
+    assert torch.equal(two.alternatives["shared"]["mask"], union["mask"])
     assert len(one.variants()) == 2 and len(far.variants()) == 1
 
 
 def test_a_trigger_can_send_each_class_of_its_pool_to_its_own_target() -> None:
     k = 6
-    y = torch.arange(k).repeat_interleave(4)
-    x = (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    x, y = _levels(k)
     mapping = torch.tensor([[1, 2, 3, 4, 5, 0]])  # c -> c + 1: one trigger for all of them
     idx = torch.tensor([[0, 5, 9, 13]])
     assert image_targets(mapping, idx, y).tolist() == [[1, 2, 3, 4]]
     assert image_targets(torch.tensor([3]), idx, y).tolist() == [[3, 3, 3, 3]]
     # no size penalty (lambda 0): the trigger moves into the success region and stays there
     cfg = ReverseConfig(steps=60, images_per_group=8, init_lambda=0.0, progress=False)
-    res = reverse_engineer(Staircase(k), x, y, [[0, 1, 2, 3]], mapping, "perturbation", cfg)
+    res = reverse_engineer(Staircase(k), x, y, [[0, 1, 2, 3]], mapping, PERTURBATION, cfg)
     assert float(res.asr[0]) >= cfg.success_threshold
     assert 0.04 < float(res.tensors["delta"].mean()) < 0.15  # the shared trigger: about +0.1 everywhere
     index = group_index(y, [[0, 1, 2, 3]])
-    assert float(success_rate(Staircase(k), x, index, mapping, "perturbation", res.tensors, cfg, y)[0]) >= 0.9
+    assert float(success_rate(Staircase(k), x, index, mapping, PERTURBATION, res.tensors, cfg, y)[0]) >= 0.9
     with pytest.raises(ValueError, match="per-class targets need the labels"):
-        success_rate(Staircase(k), x, index, mapping, "perturbation", res.tensors, cfg)
+        success_rate(Staircase(k), x, index, mapping, PERTURBATION, res.tensors, cfg)
 
 
 def test_sources_on_which_the_smallest_pairs_trigger_works_are_not_eliminated(tiny: tm.TinyModel) -> None:
-    x, y = tiny.data.clean.x, tiny.data.clean.y
+    suspect = Suspect(tiny.classifier, tiny.data.clean.x, tiny.data.clean.y, tm.NUM_CLASSES)
     true = {"mask": tiny.trigger.mask, "pattern": tiny.trigger.pattern}
     nothing = {"mask": torch.zeros_like(tiny.trigger.mask), "pattern": torch.zeros_like(tiny.trigger.pattern)}
     with tm.one_thread():
-        shared = detect_mod._shared(tiny.classifier, x, y, tm.TARGET, "patch", true, [1, 3, 4], DetectionConfig())
-        none = detect_mod._shared(tiny.classifier, x, y, tm.TARGET, "patch", nothing, [1, 3, 4], DetectionConfig())
-        off = detect_mod._shared(tiny.classifier, x, y, tm.TARGET, "patch", true, [1, 3, 4],
-                                 DetectionConfig(expand_sources=None))
+        shared = sources_sharing(suspect, tm.TARGET, PATCH, true, [1, 3, 4], DetectionConfig())
+        none = sources_sharing(suspect, tm.TARGET, PATCH, nothing, [1, 3, 4], DetectionConfig())
+        off = sources_sharing(suspect, tm.TARGET, PATCH, true, [1, 3, 4], DetectionConfig(expand_sources=None))
     assert shared == [1, 3, 4] and none == [] and off == []
 
 
@@ -356,23 +366,23 @@ def test_a_flagged_pairs_trigger_tightens_every_pair_it_also_works_on(tiny: tm.T
     donor = pairs.index((0, tm.TARGET))  # ...except for 0 -> TARGET, where it found the attack's own patch
     size[donor] = 9.0
     tensors["mask"][donor], tensors["pattern"][donor] = tiny.trigger.mask, tiny.trigger.pattern
-    res = ReverseResult("patch", size.clone(), torch.ones(len(pairs)), {k: v.clone() for k, v in tensors.items()})
+    scan = PairScan(pairs, ReverseResult(PATCH, size.clone(), torch.ones(len(pairs)), tensors))
     with tm.one_thread():
-        moved = detect_mod._transfer(tiny.classifier, x, y, res, pairs, tm.NUM_CLASSES, DetectionConfig())
+        scans, moved = transfer_triggers(Suspect(tiny.classifier, x, y, tm.NUM_CLASSES), {"patch": scan},
+                                         DetectionConfig())
     others = [c for c in range(tm.NUM_CLASSES) if c not in (0, tm.TARGET)]
-    assert [(m["source"], m["target"], tuple(m["from"])) for m in moved] == [(c, tm.TARGET, (0, tm.TARGET))
-                                                                             for c in others]
-    assert all(m["asr"] >= 0.5 and m["size"] == 9.0 and m["size_before"] > 20 for m in moved)
+    assert [(m.source, m.target, m.donor) for m in moved] == [(c, tm.TARGET, (0, tm.TARGET)) for c in others]
+    assert all(m.asr >= 0.5 and m.size == 9.0 and m.size_before > 20 for m in moved)
+    res = scans["patch"].result
     for c in others:
         j = pairs.index((c, tm.TARGET))
         assert float(res.size[j]) == 9.0 and torch.equal(res.tensors["mask"][j], tiny.trigger.mask)
     untouched = [i for i, (s, t) in enumerate(pairs) if t != tm.TARGET]
     assert torch.equal(res.size[untouched], size[untouched])  # a trigger that does nothing elsewhere moves nothing
+    assert torch.equal(scan.result.size, size), "the input scan is left as it was"
 
 
 def test_calibration_scales_a_perturbation_until_it_succeeds_on_the_whole_pool() -> None:
-    from bna_gateway.mitigation.detection.reverse import _calibrate
-
     class Brightness(torch.nn.Module):  # class 1 iff the mean pixel exceeds 0.5
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             m = x.flatten(1).mean(1, keepdim=True)
@@ -382,32 +392,34 @@ def test_calibration_scales_a_perturbation_until_it_succeeds_on_the_whole_pool()
     index = torch.arange(20).view(1, -1)
     delta = {"delta": torch.full((1, 1, 4, 4), 0.2)}  # lifts only the brightest third over the boundary
     cfg = ReverseConfig(calibrate_scales=(1.25, 1.5, 2.0, 4.0))
-    asr = success_rate(Brightness(), x, index, torch.tensor([1]), "perturbation", delta, cfg)
+    asr = success_rate(Brightness(), x, index, torch.tensor([1]), PERTURBATION, delta, cfg)
     assert float(asr) < 0.5
-    out, asr2 = _calibrate(Brightness(), x, torch.zeros(20, dtype=torch.long), index, torch.tensor([1]), delta, asr, cfg)
+    out, asr2 = calibrate(Brightness(), x, torch.zeros(20, dtype=torch.long), index, torch.tensor([1]), delta, asr,
+                          cfg, PERTURBATION)
     assert torch.allclose(out["delta"], 2.0 * delta["delta"])  # 1.25 and 1.5 are not enough; 2 is the first
     assert float(asr2) >= cfg.success_threshold
 
 
-@pytest.mark.parametrize("family", ["patch", "perturbation"])
-def test_every_kept_trigger_really_succeeds(tiny: tm.TinyModel, family: str) -> None:
+@pytest.mark.parametrize("name", ["patch", "perturbation"])
+def test_every_kept_trigger_really_succeeds(tiny: tm.TinyModel, name: str) -> None:
+    fam = family(name)
     x, y = tiny.data.clean.x, tiny.data.clean.y
     groups, targets = [[0], [1], [3, 4], [5]], [tm.TARGET, 0, tm.TARGET, 3]
     with tm.one_thread():
-        res = reverse_engineer(tiny.classifier, x, y, groups, targets, family, FAST)
+        res = reverse_engineer(tiny.classifier, x, y, groups, targets, fam, FAST)
         assert res.size.shape == res.asr.shape == (4,)
         found = torch.isfinite(res.size)
         assert found[0] and found[2], "the planted backdoor's pairs must be reversible"
         index = group_index(y, groups)
         for i in found.nonzero(as_tuple=True)[0].tolist():
-            trig = PairTriggers.export(family, res.tensors, i)
+            trig = Trigger(fam, res.one(i))
             imgs = x[index[i].unique()]
             hit = (tiny.classifier(trig(imgs)).argmax(1) == targets[i]).float().mean()
             assert float(hit) >= FAST.success_threshold - 1e-6
             assert float(res.asr[i]) == pytest.approx(float(hit), abs=1e-6)
-            assert float(success_rate(tiny.classifier, x, index[i : i + 1], torch.tensor([targets[i]]), family,
+            assert float(success_rate(tiny.classifier, x, index[i : i + 1], torch.tensor([targets[i]]), fam,
                                       {k: v[i : i + 1] for k, v in res.tensors.items()}, FAST)) == pytest.approx(float(hit))
-        if family == "patch":
+        if name == "patch":
             assert float(res.tensors["mask"].min()) >= 0 and float(res.tensors["mask"].max()) <= 1
             assert torch.allclose(res.size[found], res.tensors["mask"][found].sum(dim=(1, 2, 3)), rtol=1e-4)
         else:
@@ -418,10 +430,10 @@ def test_optimisation_is_deterministic_and_chunking_covers_every_group(tiny: tm.
     x, y = tiny.data.clean.x, tiny.data.clean.y
     pairs = all_pairs(tm.NUM_CLASSES)
     groups, targets = [[s] for s, _ in pairs], [t for _, t in pairs]
-    small = ReverseConfig(**{**FAST.__dict__, "steps": 15, "max_images_per_pass": 8})  # 2 groups per pass
+    small = replace(FAST, steps=15, max_images_per_pass=8)  # 2 groups per pass
     with tm.one_thread():
-        a = reverse_engineer(tiny.classifier, x, y, groups, targets, "perturbation", small)
-        b = reverse_engineer(tiny.classifier, x, y, groups, targets, "perturbation", small)
+        a = reverse_engineer(tiny.classifier, x, y, groups, targets, PERTURBATION, small)
+        b = reverse_engineer(tiny.classifier, x, y, groups, targets, PERTURBATION, small)
     assert torch.equal(a.size, b.size) and torch.equal(a.tensors["delta"], b.tensors["delta"])
     assert a.tensors["delta"].shape == (len(pairs), *x.shape[1:])
     assert torch.isfinite(a.size).any()
@@ -445,15 +457,20 @@ def test_bna_detect_files_read_back(tiny: tm.TinyModel, tmp_path: Path) -> None:
         assert (tmp_path / pic).stat().st_size > 1000
     assert "anomaly_scores.png" in doc["pictures"]
     assert doc["detected_targets"], "threshold 1.5 on a backdoored model must flag something"
-    doc2, triggers = read_triggers(tmp_path)
-    assert doc2["detected_targets"] == sorted(triggers) == res.detected_targets
-    for t, trig in triggers.items():
+    back = read_detection(tmp_path)
+    assert doc["detected_targets"] == back.detected_targets == res.detected_targets
+    assert back.as_dict() == {k: v for k, v in doc.items() if k not in ("pictures", "triggers_file")}
+    for t, trig in back.triggers.items():
         assert trig.sources == res.triggers[t].sources and trig.fit_classes == res.triggers[t].fit_classes
         for name, v in res.triggers[t].tensors.items():
             assert torch.equal(trig.tensors[name], v.float())
         out = trig.module()(x[:3])
         assert out.shape == x[:3].shape and float(out.min()) >= 0 and float(out.max()) <= 1
-    assert "flagged" in scores_table(doc)
+    assert "flagged" in scores_table(back)
+
+
+def _evidence(score: float) -> dict[str, FamilyEvidence]:
+    return {f: FamilyEvidence(5.0, score, 0.9, 4.0) for f in ("patch", "perturbation")}
 
 
 def test_estimates_in_other_families_read_back(tmp_path: Path) -> None:
@@ -461,39 +478,37 @@ def test_estimates_in_other_families_read_back(tmp_path: Path) -> None:
     mask[:, 4:, 4:] = 1
     trig = TargetTrigger(9, [0, 1], "patch", {"mask": mask, "pattern": pattern}, 0.9, 4.0, 20.0, [2],
                          {"perturbation": {"delta": delta}})
-    fams = {f: {"statistic": 5.0, "score": 20.0, "asr": 0.9, "size": 4.0} for f in ("patch", "perturbation")}
-    pair = PairRecord(0, 9, "patch", 5.0, 20.0, 0.9, 4.0, True, fams)
+    pair = PairRecord(0, 9, "patch", 5.0, 20.0, 0.9, 4.0, True, _evidence(20.0))
     res = DetectionResult([pair], 7.0, "both", {9: trig}, 1.0, {})
     write_detection(res, tmp_path)
-    doc, triggers = read_triggers(tmp_path)
-    back = triggers[9]
+    back = read_detection(tmp_path).triggers[9]
     assert back.family == "patch" and back.fit_classes == [2] and torch.equal(back.tensors["mask"], mask)
-    assert set(back.also) == {"perturbation"} and torch.equal(back.also["perturbation"]["delta"], delta)
+    assert set(back.alternatives) == {"perturbation"} and torch.equal(back.alternatives["perturbation"]["delta"], delta)
     assert (tmp_path / "trigger_target_9.png").stat().st_size > 1000
-    assert "target 9: anomalous in the perturbation family too" in scores_table(doc)
+    assert "target 9: anomalous in the perturbation family too" in scores_table(read_detection(tmp_path))
+    doc = json.loads((tmp_path / "detection.json").read_text())
     doc["triggers"]["9"]["also"] = ["perturbation", "warp"]
     (tmp_path / "detection.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"lacks the target-9 trigger estimates \['warp'\]"):
-        read_triggers(tmp_path)
+        read_detection(tmp_path)
 
 
-def test_read_triggers_says_what_is_missing(tmp_path: Path) -> None:
+def test_read_detection_says_what_is_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="detection file not found"):
-        read_triggers(tmp_path)
+        read_detection(tmp_path)
     (tmp_path / "detection.json").write_text(json.dumps({"triggers": {"9": {"sources": [1], "family": "patch",
                                                                             "asr": 1, "size": 1}}}))
     with pytest.raises(FileNotFoundError, match="is missing"):
-        read_triggers(tmp_path)
+        read_detection(tmp_path)
 
 
 def test_scores_table_explains_eliminations_and_additions() -> None:
-    pair = {"source": 1, "target": 9, "family": "patch", "size": 2.0, "asr": 0.95, "score": 9.5, "flagged": True}
-    doc = {"pairs": [pair], "threshold": 7.0, "statistic": "source",
-           "eliminated_pairs": [{"source": 2, "target": 9, "joint_size": float("inf"), "smallest_size": 2.0}],
-           "added_sources": [{"source": 4, "target": 9, "asr": 0.98}],
-           "transferred": [{"source": 1, "target": 9, "family": "patch", "from": [0, 9], "asr": 0.86,
-                            "size_before": 7.25, "size": 2.0}]}
-    text = scores_table(doc)
+    pair = PairRecord(1, 9, "patch", 5.0, 9.5, 0.95, 2.0, True, _evidence(9.5))
+    res = DetectionResult([pair], 7.0, "patch", {}, 0.0, {}, statistic="source",
+                          eliminated=[Elimination(2, 9, float("inf"), 2.0)],
+                          added_sources=[AddedSource(4, 9, 0.98, 9)],
+                          transferred=[Transfer(1, 9, "patch", (0, 9), 0.86, 7.25, 2.0)])
+    text = scores_table(res)
     assert "eliminated 2 -> 9: joint trigger none found vs 2.00" in text
     assert "source 4 added to target 9: its trigger sends 98%" in text
     assert "pair 1 -> 9 (patch): the trigger of 0 -> 9 also works there (86%): size 7.25 -> 2.00" in text

@@ -58,8 +58,8 @@ def test_train_metrics_are_fractions_and_the_set_is_learnt(trained) -> None:  # 
 
 
 def test_model_directory_reloads_to_the_same_accuracy(trained) -> None:  # noqa: ANN001
-    from bna_gateway.mitigation.datasets import load_ref
-    from bna_gateway.mitigation.metrics import predict
+    from bna_gateway.mitigation.lab.datasets import load_ref
+    from bna_gateway.mitigation.lab.metrics import predict
     from bna_gateway.mitigation.modeldir import load_model_dir
 
     out, _ = trained
@@ -111,32 +111,32 @@ def test_mitigate_step_flags_reach_their_stage() -> None:
     """`bna mitigate --steps` sets the BNA steps and `--detect-steps` the detection's; `bna detect --steps`
     the detection's."""
     from bna_gateway.mitigation.cli import build_parser
-    from bna_gateway.mitigation.commands import _bna_config, _detection_config
-    from bna_gateway.mitigation.detection.reverse import ReverseConfig
+    from bna_gateway.mitigation.cli.commands import bna_config, detection_config
+    from bna_gateway.mitigation.detection import ReverseConfig
 
     default_pair_steps = ReverseConfig().steps
     args = build_parser().parse_args(["mitigate", "--steps", "5", "--detect-steps", "7", "--out", "b", "--quiet"])
-    assert _bna_config(args).steps == 5
-    assert _detection_config(args).pair.steps == 7
+    assert bna_config(args).steps == 5
+    assert detection_config(args).pair.steps == 7
     args = build_parser().parse_args(["mitigate", "--steps", "5", "--out", "b", "--quiet"])
-    assert _detection_config(args).pair.steps == default_pair_steps
+    assert detection_config(args).pair.steps == default_pair_steps
     args = build_parser().parse_args(["detect", "--steps", "9", "--out", "d", "--quiet"])
-    assert _detection_config(args).pair.steps == 9
+    assert detection_config(args).pair.steps == 9
 
 
 def test_mitigate_bna_lr_flag_reaches_the_config(capsys: pytest.CaptureFixture) -> None:
     """`bna mitigate --bna-lr` / `--bna-warmup` set the BNA learning rate and warm-up; without them the
     defaults stand; a rate <= 0 or a negative warm-up is a usage error."""
-    from bna_gateway.mitigation.bna.optimise import BNAConfig
+    from bna_gateway.mitigation.bna import BNAConfig
     from bna_gateway.mitigation.cli import build_parser
-    from bna_gateway.mitigation.commands import _bna_config
+    from bna_gateway.mitigation.cli.commands import bna_config
 
     args = build_parser().parse_args(["mitigate", "--bna-lr", "0.03", "--out", "b", "--quiet"])
-    assert _bna_config(args).lr == pytest.approx(0.03)
+    assert bna_config(args).lr == pytest.approx(0.03)
     args = build_parser().parse_args(["mitigate", "--out", "b", "--quiet"])
-    assert _bna_config(args).lr == BNAConfig().lr and _bna_config(args).warmup == BNAConfig().warmup
+    assert bna_config(args).lr == BNAConfig().lr and bna_config(args).warmup == BNAConfig().warmup
     args = build_parser().parse_args(["mitigate", "--bna-warmup", "0", "--out", "b", "--quiet"])
-    assert _bna_config(args).warmup == 0
+    assert bna_config(args).warmup == 0
     for flag, bad in (("--bna-lr", "0"), ("--bna-lr", "-0.1"), ("--bna-lr", "fast"), ("--bna-warmup", "-1"),
                       ("--bna-warmup", "2.5")):
         with pytest.raises(SystemExit) as exc:

@@ -13,15 +13,23 @@ import pytest
 import torch
 
 import tiny_models as tm
-from bna_gateway.mitigation.attacks import Warp
 from bna_gateway.mitigation.cli import build_parser
-from bna_gateway.mitigation.detection import detect as detect_mod
-from bna_gateway.mitigation.detection.detect import DetectionResult, PairRecord, TargetTrigger, all_pairs, pair_statistic
-from bna_gateway.mitigation.detection.io import read_triggers, write_detection
-from bna_gateway.mitigation.detection.mad import mad_scores
-from bna_gateway.mitigation.detection.reverse import ReverseConfig, _calibrate, embed, group_index, reverse_engineer, success_rate
-from bna_gateway.mitigation.detection.triggers import (FAMILIES, PairTriggers, WarpTriggers, family_of, identity_grid,
-                                           pixel_scale, warp_images, warp_size)
+from bna_gateway.mitigation.detection import DetectionResult, PairRecord, ReverseConfig, TargetTrigger
+from bna_gateway.mitigation.detection.config import families_for
+from bna_gateway.mitigation.detection.io import read_detection, write_detection
+from bna_gateway.mitigation.detection.records import FamilyEvidence
+from bna_gateway.mitigation.detection.reverse import calibrate, group_index, reverse_engineer, success_rate
+from bna_gateway.mitigation.detection.statistic import all_pairs, mad_scores, pair_statistic
+from bna_gateway.mitigation.triggers import FAMILIES, WARP, Trigger, family_of, identity_grid, pixel_scale
+from bna_gateway.mitigation.triggers.warp import WarpCandidates
+
+
+def warp_images(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    return WARP.embed(x, {"flow": flow})
+
+
+def warp_size(flow: torch.Tensor) -> torch.Tensor:
+    return WARP.size({"flow": flow})
 
 FAST = ReverseConfig(steps=60, images_per_group=4, progress=False)
 
@@ -54,7 +62,7 @@ def test_size_is_the_rms_displacement_in_pixels_on_any_aspect() -> None:
 
 def test_pair_warps_are_smooth_and_one_exported_module_matches_the_batch() -> None:
     g = torch.Generator().manual_seed(0)
-    trig = WarpTriggers(3, (2, 10, 14), g)
+    trig = WarpCandidates(3, (2, 10, 14), g)
     with torch.no_grad():
         trig.control.mul_(40)  # a few pixels, to see differences
     flow = trig.flow().detach()
@@ -65,29 +73,29 @@ def test_pair_warps_are_smooth_and_one_exported_module_matches_the_batch() -> No
     x = torch.rand(1, 5, 2, 10, 14)
     batch = trig.embed(x)  # [3, 5, C, H, W]
     snap = trig.snapshot()
-    assert torch.allclose(embed("warp", snap, x), batch, atol=1e-6)
+    assert torch.allclose(WARP.embed(x, snap), batch, atol=1e-6)
     for i in range(3):
-        module = PairTriggers.export("warp", snap, i)
-        assert isinstance(module, Warp)
+        module = Trigger(WARP, {"flow": snap["flow"][i]})
         assert torch.allclose(module(x[0]), batch[i], atol=1e-5)
     assert torch.allclose(trig.size(), warp_size(snap["flow"]))
 
 
 def test_family_of_names_each_familys_tensors() -> None:
-    assert family_of({"mask": torch.zeros(1), "pattern": torch.zeros(1)}) == "patch"
-    assert family_of({"delta": torch.zeros(1)}) == "perturbation"
-    assert family_of({"flow": torch.zeros(1)}) == "warp"
+    assert family_of({"mask": torch.zeros(1), "pattern": torch.zeros(1)}).name == "patch"
+    assert family_of({"delta": torch.zeros(1)}).name == "perturbation"
+    assert family_of({"flow": torch.zeros(1)}).name == "warp"
     with pytest.raises(ValueError, match="no trigger of the families"):
         family_of({"grid": torch.zeros(1)})
-    assert FAMILIES == ("patch", "perturbation", "warp")
+    assert tuple(FAMILIES) == ("patch", "perturbation", "warp")
 
 
 def test_trigger_types_select_families() -> None:
-    assert detect_mod._families("all") == ("patch", "perturbation", "warp")
-    assert detect_mod._families("both") == ("patch", "perturbation")
-    assert detect_mod._families("warp") == ("warp",)
+    names = lambda t: tuple(f.name for f in families_for(t))  # noqa: E731
+    assert names("all") == ("patch", "perturbation", "warp")
+    assert names("both") == ("patch", "perturbation")
+    assert names("warp") == ("warp",)
     with pytest.raises(ValueError, match="patch, perturbation, warp, both, all"):
-        detect_mod._families("blend")
+        families_for("blend")
     args = build_parser().parse_args(["detect", "--model", "m", "--out", "o"])
     assert args.trigger_type == "all"
     assert build_parser().parse_args(["mitigate", "--model", "m", "--out", "o", "--trigger-type", "warp"]).trigger_type \
@@ -106,14 +114,14 @@ def test_calibration_scales_a_warp_until_it_succeeds_on_the_whole_pool() -> None
     flow = {"flow": _shift(3.0, 0.0, 4, 32)}  # sampling 3 px to the right brightens each image a little
     cfg = ReverseConfig(calibrate_scales=(1.25, 1.5, 2.0, 3.0, 4.0))
     tgt = torch.tensor([1])
-    asr = success_rate(RightIsBright(), x, index, tgt, "warp", flow, cfg)
+    asr = success_rate(RightIsBright(), x, index, tgt, WARP, flow, cfg)
     assert float(asr) < 0.5
-    out, asr2 = _calibrate(RightIsBright(), x, torch.zeros(20, dtype=torch.long), index, tgt, flow, asr, cfg, "warp")
+    out, asr2 = calibrate(RightIsBright(), x, torch.zeros(20, dtype=torch.long), index, tgt, flow, asr, cfg, WARP)
     factor = float(out["flow"].abs().max() / flow["flow"].abs().max())
     assert factor in (1.25, 1.5, 2.0, 3.0, 4.0) and float(asr2) >= cfg.success_threshold
     smaller = [f for f in cfg.calibrate_scales if f < factor]
     for f in smaller:  # the first factor that works, not a larger one
-        assert float(success_rate(RightIsBright(), x, index, tgt, "warp", {"flow": flow["flow"] * f}, cfg)) \
+        assert float(success_rate(RightIsBright(), x, index, tgt, WARP, {"flow": flow["flow"] * f}, cfg)) \
             < cfg.success_threshold
 
 
@@ -121,11 +129,10 @@ def test_a_warp_estimate_is_fitted_at_three_strengths() -> None:
     flow = _shift(0.3, -0.2, 8, 8)[0]
     trig = TargetTrigger(2, [0, 1], "warp", {"flow": flow}, 0.95, 0.36, 40.0)
     variants = trig.variants()
-    assert len(variants) == 3 and all(isinstance(v, Warp) for v in variants)
-    ident = identity_grid(8, 8)
+    assert len(variants) == 3 and all(v.family is WARP for v in variants)
     for v, s in zip(variants, (1.0, 2.0, 4.0)):
-        inner = (slice(2, -2), slice(2, -2))  # up to 1.2 px: two pixels from the border nothing is clamped
-        assert torch.allclose((v.grid[0] - ident)[inner], (flow * s)[inner], atol=1e-6)
+        assert torch.allclose(v.flow, flow * s, atol=1e-6)
+        assert v.size() == pytest.approx(s * warp_size(flow.unsqueeze(0)).item(), rel=1e-5)
     x = torch.rand(4, 1, 8, 8)
     assert not torch.allclose(variants[2](x), x)
 
@@ -153,13 +160,15 @@ def test_a_source_whose_warps_mostly_fail_keeps_a_statistic() -> None:
 def test_warp_estimates_read_back_and_are_pictured(tmp_path: Path) -> None:
     flow = _shift(0.4, 0.1, 8, 8)[0]
     delta = torch.rand(1, 8, 8) * 0.1
-    trig = TargetTrigger(3, [0, 1], "warp", {"flow": flow}, 0.9, 0.41, 30.0, also={"perturbation": {"delta": delta}})
-    fams = {f: {"statistic": 5.0, "score": 30.0, "asr": 0.9, "size": 0.41} for f in FAMILIES}
+    trig = TargetTrigger(3, [0, 1], "warp", {"flow": flow}, 0.9, 0.41, 30.0,
+                         alternatives={"perturbation": {"delta": delta}})
+    fams = {f: FamilyEvidence(5.0, 30.0, 0.9, 0.41) for f in FAMILIES}
     res = DetectionResult([PairRecord(0, 3, "warp", 5.0, 30.0, 0.9, 0.41, True, fams)], 7.0, "all", {3: trig}, 1.0, {})
     write_detection(res, tmp_path)
-    doc, back = read_triggers(tmp_path)
+    doc = json.loads((tmp_path / "detection.json").read_text())
+    back = read_detection(tmp_path).triggers
     assert doc["triggers"]["3"]["family"] == "warp" and torch.equal(back[3].tensors["flow"], flow)
-    assert torch.equal(back[3].also["perturbation"]["delta"], delta)
+    assert torch.equal(back[3].alternatives["perturbation"]["delta"], delta)
     assert len(back[3].variants()) == 6  # the warp and the perturbation, each at three strengths
     assert (tmp_path / "trigger_target_3.png").stat().st_size > 1000
     assert (tmp_path / "anomaly_scores.png").stat().st_size > 1000
@@ -177,11 +186,11 @@ def test_a_wanet_models_pairs_into_its_target_need_far_smaller_warps_than_a_clea
         assert name == "clean" or m.metrics.asr >= 0.8, "the tiny WaNet model must have learnt its backdoor"
         x, y = m.data.clean.x, m.data.clean.y
         with tm.one_thread():
-            res = reverse_engineer(m.classifier, x, y, groups, targets, "warp", FAST)
+            res = reverse_engineer(m.classifier, x, y, groups, targets, WARP, FAST)
         index = group_index(y, groups)
         for i in torch.isfinite(res.size).nonzero(as_tuple=True)[0].tolist():
             imgs = x[index[i].unique()]
-            hit = (m.classifier(PairTriggers.export("warp", res.tensors, i)(imgs)).argmax(1) == tm.TARGET).float().mean()
+            hit = (m.classifier(Trigger(WARP, res.one(i))(imgs)).argmax(1) == tm.TARGET).float().mean()
             assert float(hit) == pytest.approx(float(res.asr[i]), abs=1e-6) and float(hit) >= 0.5
         sizes[name] = res.size
     found = torch.isfinite(sizes["wanet"])

@@ -12,11 +12,11 @@ from typing import Iterator
 
 import torch
 
-from bna_gateway.mitigation.attacks import AttackSpec, Trigger, build_trigger
-from bna_gateway.mitigation.bna.optimise import BNAConfig, TwinFit, fit_twin
-from bna_gateway.mitigation.datasets import Dataset, make_synthetic
-from bna_gateway.mitigation.metrics import AttackMetrics
-from bna_gateway.mitigation.training import TrainConfig, train_classifier
+from bna_gateway.mitigation.bna import BNAConfig, TwinFit, fit_twin
+from bna_gateway.mitigation.lab.attacks import AttackSpec, build_trigger
+from bna_gateway.mitigation.lab.datasets import Dataset, make_synthetic
+from bna_gateway.mitigation.lab.metrics import AttackMetrics
+from bna_gateway.mitigation.lab.training import TrainConfig, train_classifier
 from bna_gateway.models.network import Classifier, build_classifier
 from bna_gateway.models.spec import InputSpec, ModelSpec
 
@@ -42,7 +42,7 @@ class TinyModel:
     classifier: Classifier
     data: Dataset
     attack: AttackSpec
-    trigger: Trigger  # the attack's true trigger (identity for a clean model)
+    trigger: torch.nn.Module  # the attack's true trigger (identity for a clean model)
     metrics: AttackMetrics
 
 

@@ -1,4 +1,6 @@
-"""BNA: re-fit BatchNorm statistics so trigger-carrying activations follow the clean distribution."""
-from bna_gateway.mitigation.bna.optimise import BNAConfig, TwinFit, fit_twin
+"""BNA: re-fit BatchNorm statistics so trigger-carrying activations follow the clean distribution
+(docs/method.md#bna). ``fit_twin`` fits one twin per detected target."""
+from bna_gateway.mitigation.bna.config import BNAConfig, TwinFit
+from bna_gateway.mitigation.bna.fit import fit_twin
 
 __all__ = ["BNAConfig", "TwinFit", "fit_twin"]

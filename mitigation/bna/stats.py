@@ -8,7 +8,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from bna_gateway.models.network import bn_layers
+from bna_gateway.models.network import backbone, bn_layers
+
+Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # BN layer name -> (mean, var)
 
 
 def channel_view(out: torch.Tensor, grid: int | None = None) -> torch.Tensor:
@@ -34,16 +36,21 @@ def normalise(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, bn: nn.Mod
     return out
 
 
+def twin_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The BN layers a twin re-fits, named relative to the model's network (``models.network.backbone``)."""
+    return bn_layers(backbone(model)[0])
+
+
 @contextmanager
-def capture_bn_outputs(net: nn.Module, sink: Callable[[str, torch.Tensor], None],
-                       stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Iterator[None]:
-    """Within the block every BN layer's output goes to ``sink(name, output)``.
+def capture_bn_outputs(model: nn.Module, sink: Callable[[str, torch.Tensor], None],
+                       stats: Stats | None = None) -> Iterator[None]:
+    """Within the block every BN layer's output goes to ``sink(name, output)`` (names as ``twin_layers``).
 
     With ``stats`` ({name: (mean, var)}), those layers normalise with the given (differentiable)
     statistics instead of their buffers.
     """
     handles = []
-    for name, bn in bn_layers(net).items():
+    for name, bn in twin_layers(model).items():
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, name: str = name):
             if stats is not None and name in stats:
                 mean, var = stats[name]
@@ -60,15 +67,14 @@ def capture_bn_outputs(net: nn.Module, sink: Callable[[str, torch.Tensor], None]
 
 
 @torch.no_grad()
-def reestimate_bn(net: nn.Module, x: torch.Tensor, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                  chunk: int = 512) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """BN statistics re-estimated on ``x`` (cumulative average over chunks), from a copy of ``net``."""
-    twin = copy.deepcopy(net)
-    layers = bn_layers(twin)
+def reestimate_bn(model: nn.Module, x: torch.Tensor, chunk: int = 512) -> Stats:
+    """BN statistics re-estimated on ``x`` (cumulative average over chunks), from a copy of ``model``."""
+    twin = copy.deepcopy(model)
+    layers = twin_layers(twin)
     for bn in layers.values():
         bn.reset_running_stats()
         bn.momentum = None
     twin.train()
     for i in range(0, len(x), chunk):
-        forward(twin, x[i : i + chunk])
+        twin(x[i : i + chunk])
     return {n: (bn.running_mean.clone(), bn.running_var.clone()) for n, bn in layers.items()}

@@ -9,16 +9,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from bna_gateway.mitigation.detection.detect import DetectionResult  # noqa: E402
-from bna_gateway.mitigation.detection.triggers import family_of, pixel_scale, warp_images  # noqa: E402
+from bna_gateway.mitigation.detection.records import DetectionResult  # noqa: E402
+from bna_gateway.mitigation.triggers import family, family_of  # noqa: E402
 
 
 def plot_scores(result: DetectionResult, path: Path) -> str:
     fams = sorted({f for p in result.pairs for f in p.by_family})
     fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.5), squeeze=False)
     for ax, fam in zip(axes[0], fams):
-        scores = [p.by_family[fam]["score"] for p in result.pairs]
-        flagged = [p.by_family[fam]["score"] for p in result.pairs if p.flagged and p.family == fam]
+        scores = [p.by_family[fam].score for p in result.pairs]
+        flagged = [p.by_family[fam].score for p in result.pairs if p.flagged and p.family == fam]
         ax.hist(scores, bins=40, color="#7a9cc6", label="all pairs")
         if flagged:
             ax.hist(flagged, bins=40, color="#d9534f", label="flagged")
@@ -40,36 +40,12 @@ def _img(t: torch.Tensor):  # noqa: ANN202
     return t.permute(1, 2, 0).clamp(0, 1).numpy(), None
 
 
-def _panels(family: str, tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    if family == "patch":
-        return [("mask", tensors["mask"]), ("pattern", tensors["pattern"]),
-                ("mask x pattern", tensors["mask"] * tensors["pattern"])]
-    if family == "warp":
-        return _warp_panels(tensors["flow"])
-    d = tensors["delta"]
-    return [("perturbation (scaled)", (d - d.min()) / (d.max() - d.min() + 1e-8)), ("|perturbation|", d.abs())]
-
-
-def _warp_panels(flow: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """A warp field as its displacement magnitude, and as a checkerboard warped through it (amplified so that a
-    sub-pixel warp is visible)."""
-    h, w = flow.shape[:2]
-    mag = (flow / pixel_scale(h, w)).norm(dim=-1).unsqueeze(0)  # [1, H, W] pixels
-    rr, cc = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    step = max(2, min(h, w) // 8)
-    board = (((rr // step) + (cc // step)) % 2).float().view(1, 1, 1, h, w)
-    gain = max(1.0, 0.25 * min(h, w) / max(float(mag.max()), 1e-6))  # the largest move a quarter of the image
-    warped = warp_images(board, (flow * gain).unsqueeze(0))[0, 0]
-    return [(f"|displacement| (max {float(mag.max()):.2f} px)", mag / mag.max().clamp(min=1e-8)),
-            (f"checkerboard warped (x{gain:.0f})", warped)]
-
-
 def plot_triggers(result: DetectionResult, out: Path) -> list[str]:
-    """One figure per target: a row per estimate (its own first, then those of ``also``)."""
+    """One figure per target: a row per estimate (its own first, then its alternatives)."""
     names = []
     for t, tr in result.triggers.items():
-        rows = [(tr.family, _panels(tr.family, tr.tensors))]
-        rows += [(name, _panels(family_of(ts), ts)) for name, ts in sorted(tr.also.items())]
+        rows = [(tr.family, family(tr.family).panels(tr.tensors))]
+        rows += [(name, family_of(ts).panels(ts)) for name, ts in sorted(tr.alternatives.items())]
         cols = max(len(p) for _, p in rows)
         fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 3.2 * len(rows)), squeeze=False)
         for r, (fam, panels) in enumerate(rows):

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from bna_gateway.mitigation.attacks import AttackSpec, Trigger, Warp, build_trigger, wanet_noise
-from bna_gateway.mitigation.datasets import Dataset
-from bna_gateway.mitigation.metrics import AttackMetrics, attack_metrics, predict
+from bna_gateway.mitigation.lab.attacks import AttackSpec, build_trigger, wanet_noise
+from bna_gateway.mitigation.lab.datasets import Dataset
+from bna_gateway.mitigation.lab.metrics import AttackMetrics, attack_metrics, predict
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,6 @@ class TrainConfig:
     flip: bool = False
     device: str = "cpu"
     progress: bool = True
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _augment(x: torch.Tensor, flip: bool, g: torch.Generator) -> torch.Tensor:
@@ -97,8 +91,8 @@ def train_classifier(model: nn.Module, data: Dataset, spec: AttackSpec, cfg: Tra
                 xb[pb] = trigger(xb[pb])
                 yb[pb] = y_poison_target[idx].to(device)[pb]
             cb = cross[idx].to(device)
-            if cb.any() and isinstance(trigger, Warp):
-                xb[cb] = wanet_noise(trigger, int(cb.sum()), g).to(device)(xb[cb])
+            if cb.any():
+                xb[cb] = wanet_noise(trigger, xb[cb], g)
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -114,7 +108,7 @@ def train_classifier(model: nn.Module, data: Dataset, spec: AttackSpec, cfg: Tra
     return model, metrics, seconds
 
 
-def evaluate_attack(model: nn.Module, data: Dataset, spec: AttackSpec, trigger: Trigger,
+def evaluate_attack(model: nn.Module, data: Dataset, spec: AttackSpec, trigger: nn.Module,
                     device: torch.device | str = "cpu") -> AttackMetrics:
     x, y = data.test.x, data.test.y
     pred_clean = predict(model, x, device=device)

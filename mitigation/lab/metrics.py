@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bna_gateway.mitigation.attacks import AttackSpec, Trigger
+from bna_gateway.mitigation.lab.attacks import AttackSpec
 
 
 @torch.no_grad()
@@ -41,9 +41,3 @@ def attack_metrics(pred_clean: torch.Tensor, y: torch.Tensor, pred_trig: torch.T
     asr = float((pred_trig[victims] == tgt[victims]).float().mean())
     sia = float((pred_trig[victims] == y[victims]).float().mean())
     return AttackMetrics(acc, asr, sia)
-
-
-def triggered_victims(x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, trigger: Trigger) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triggered copies of the attack's victims and their true labels."""
-    v = spec.victims(y)
-    return trigger(x[v]), y[v]

@@ -7,41 +7,17 @@ per class) / held-out test.
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from bna_gateway.mitigation.imagefolder import DatasetError, ImageSet, read_image_folder, take_per_class
 from bna_gateway.models.spec import DatasetRef, InputSpec
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DATASETS = ("mnist5k", "digits8x8", "synthetic", "cifar10", "imagefolder")
-
-
-class DatasetError(ValueError):
-    """A dataset folder is missing or does not have the expected layout."""
-
-
-@dataclass
-class ImageSet:
-    x: torch.Tensor  # float32 [N, C, H, W] in [0, 1]
-    y: torch.Tensor  # int64 [N]
-
-    def __len__(self) -> int:
-        return int(self.y.numel())
-
-    def subset(self, idx: torch.Tensor) -> "ImageSet":
-        return ImageSet(self.x[idx], self.y[idx])
-
-    def per_class(self, n: int | None, seed: int = 0) -> "ImageSet":
-        """At most ``n`` images of every class (deterministic); all when ``n`` is None."""
-        if n is None:
-            return self
-        return self.subset(_take_per_class(self.y, n, seed))
 
 
 @dataclass
@@ -56,15 +32,6 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-
-def _take_per_class(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for c in torch.unique(y).tolist():
-        idx = (y == c).nonzero(as_tuple=True)[0]
-        out.append(idx[torch.randperm(idx.numel(), generator=g)[:n]])
-    return torch.cat(out).sort().values
 
 
 def stratified_split(
@@ -219,7 +186,7 @@ def load_cifar10(root: str | Path, clean_per_class: int = 100, seed: int = 0) ->
     if short:
         raise DatasetError(f"cifar10: the test batch in {folder} has too few images of classes {short} "
                            f"for {clean_per_class} clean images per class plus a held-out split")
-    cl = _take_per_class(g_te, clean_per_class, seed)
+    cl = take_per_class(g_te, clean_per_class, seed)
     held_out = torch.ones(len(g_te), dtype=torch.bool)
     held_out[cl] = False
     te = held_out.nonzero(as_tuple=True)[0]
@@ -230,57 +197,6 @@ def load_cifar10(root: str | Path, clean_per_class: int = 100, seed: int = 0) ->
 
 
 # ---------------------------------------------------------------- a user's folder of images
-def decode_image(data: bytes | Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """Pillow decode -> EXIF orientation -> mode for ``channels`` -> resize to (H, W) -> [C, H, W] in [0, 1]."""
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-    img = ImageOps.exif_transpose(img)
-    img = img.convert("L" if channels == 1 else "RGB")
-    h, w = size
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    t = torch.from_numpy(arr)
-    return t.unsqueeze(0) if channels == 1 else t.permute(2, 0, 1).contiguous()
-
-
-def read_image_folder(root: str | Path, channels: int | None = None, size: tuple[int, int] | None = None,
-                      class_names: list[str] | None = None) -> tuple[ImageSet, list[str], tuple[int, int, int]]:
-    """Read ``root/<class>/<image>``. Classes are the sorted sub-folder names (or ``class_names``).
-
-    ``channels`` and ``size`` default to the first image's. Returns the images, class names and C,H,W.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"image folder {root} does not exist (expected one sub-folder per class of images)")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if class_names is None:
-        class_names = [p.name for p in folders]
-    else:
-        missing = [c for c in class_names if not (root / c).is_dir()]
-        if missing:
-            raise DatasetError(f"image folder {root}: no sub-folder for classes {missing}")
-    if len(class_names) < 2:
-        raise DatasetError(f"image folder {root}: expected one sub-folder per class (at least 2), found {len(class_names)}")
-    images: list[torch.Tensor] = []
-    labels: list[int] = []
-    for label, cname in enumerate(class_names):
-        files = sorted(p for p in (root / cname).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DatasetError(f"image folder {root}: class folder {cname!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        for f in files:
-            try:
-                if channels is None or size is None:
-                    with Image.open(f) as probe:
-                        channels = channels or (1 if probe.mode in ("L", "1", "I", "I;16", "F") else 3)
-                        size = size or (probe.size[1], probe.size[0])
-                images.append(decode_image(f, channels, size))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DatasetError(f"image folder {root}: cannot read {f}: {exc}") from exc
-            labels.append(label)
-    assert channels is not None and size is not None
-    return ImageSet(torch.stack(images), torch.tensor(labels)), class_names, (channels, size[0], size[1])
-
-
 def load_imagefolder(root: str | Path, clean_per_class: int = 50, seed: int = 0) -> Dataset:
     data, names, shape = read_image_folder(root)
     c = shape[0]

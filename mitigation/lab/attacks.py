@@ -1,9 +1,10 @@
-"""The attack lab: backdoor triggers used to *evaluate* the defence.
+"""The attack lab's backdoors, used to *evaluate* the defence.
 
-A trigger is a small serialisable ``AttackSpec`` (kind, parameters, mode, target, seed), saved beside
+An attack is a small serialisable ``AttackSpec`` (kind, parameters, mode, target, seed), saved beside
 the model as ``attack.json`` so evaluation re-applies exactly the same trigger. ``build_trigger``
-turns it into a batched, deterministic ``Trigger``: ``trigger(x)`` maps images in [0, 1] of shape
-[N, C, H, W] to triggered images in [0, 1].
+turns it into a deterministic ``Trigger`` of one of the trigger families (``mitigation.triggers``):
+``trigger(x)`` maps images in [0, 1] of shape [N, C, H, W] to triggered images in [0, 1].
+BadNet and Blend are patches, chessboard, single pixel and SIG perturbations, WaNet a warp.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, field_validator
+
+from bna_gateway.mitigation.triggers import PATCH, PERTURBATION, WARP, Identity, Trigger, identity_grid, resample, sampling_grid
+from bna_gateway.models.decode import ImageDecoder
 
 Mode = Literal["a2o", "a2a"]
 ATTACKS = ("none", "badnet", "chessboard", "single_pixel", "blend", "sig", "wanet")
@@ -91,53 +95,6 @@ def parse_params(items: list[str]) -> dict[str, Any]:
     return out
 
 
-class Trigger(torch.nn.Module):
-    """Base class: ``forward(x)`` embeds the trigger into a batch of [0, 1] images."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
-class Identity(Trigger):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-class MaskPattern(Trigger):
-    """``x' = (1 - m) * x + m * p``: BadNet patches, Blend (m = alpha everywhere), and estimated triggers."""
-
-    def __init__(self, mask: torch.Tensor, pattern: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask.float())
-        self.register_buffer("pattern", pattern.float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ((1 - self.mask) * x + self.mask * self.pattern).clamp(0, 1)
-
-
-class Additive(Trigger):
-    """``x' = clip(x + delta)``: chessboard, single pixel, SIG, and estimated perturbations."""
-
-    def __init__(self, delta: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("delta", delta.float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x + self.delta).clamp(0, 1)
-
-
-class Warp(Trigger):
-    """WaNet: resample the image through a fixed smooth warping field."""
-
-    def __init__(self, grid: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("grid", grid)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grid = self.grid.to(x.dtype).expand(x.shape[0], -1, -1, -1)
-        return F.grid_sample(x, grid, align_corners=True).clamp(0, 1)
-
-
 def _location(loc: Any, h: int, w: int, k: int, g: torch.Generator) -> tuple[int, int]:
     if loc == "random":
         r = int(torch.randint(0, h - k + 1, (1,), generator=g))
@@ -151,24 +108,19 @@ def _location(loc: Any, h: int, w: int, k: int, g: torch.Generator) -> tuple[int
     return r, c
 
 
-def identity_grid(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
-    """[H, W, 2] sampling grid (x, y in [-1, 1], ``align_corners=True``) that leaves an image as it is."""
-    ys = torch.linspace(-1, 1, h, device=device)
-    xs = torch.linspace(-1, 1, w, device=device)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack((xx, yy), dim=-1)
-
-
-def wanet_grids(h: int, w: int, k: int, s: float, grid_rescale: float, g: torch.Generator) -> torch.Tensor:
-    """WaNet's warping grid (Nguyen & Tran, 2021): a random k x k field, upsampled, added to identity."""
+def wanet_flow(h: int, w: int, k: int, s: float, grid_rescale: float, g: torch.Generator) -> torch.Tensor:
+    """WaNet's warp (Nguyen & Tran, 2021) as a displacement field [H, W, 2]: a random k x k field,
+    upsampled bicubically, ``s / max(H, W)`` grid units at its mean magnitude."""
     ins = torch.rand(1, 2, k, k, generator=g) * 2 - 1
     ins = ins / ins.abs().mean()
     noise = F.interpolate(ins, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-    grid = identity_grid(h, w).unsqueeze(0) + s * noise / max(h, w)
-    return (grid * grid_rescale).clamp(-1, 1)
+    flow = s * noise / max(h, w)
+    if grid_rescale != 1.0:  # WaNet scales the whole grid; as a displacement from the identity
+        flow = (identity_grid(h, w).unsqueeze(0) + flow) * grid_rescale - identity_grid(h, w).unsqueeze(0)
+    return flow[0]
 
 
-def build_trigger(spec: AttackSpec, shape: tuple[int, int, int]) -> Trigger:
+def build_trigger(spec: AttackSpec, shape: tuple[int, int, int]) -> Trigger | Identity:
     """Deterministic trigger for images of shape (C, H, W)."""
     c, h, w = shape
     p = spec.resolved_params()
@@ -182,35 +134,35 @@ def build_trigger(spec: AttackSpec, shape: tuple[int, int, int]) -> Trigger:
         mask[:, r0 : r0 + k, c0 : c0 + k] = 1
         pattern = torch.zeros(c, h, w)
         pattern[:, r0 : r0 + k, c0 : c0 + k] = torch.randint(0, 2, (c, k, k), generator=g).float()
-        return MaskPattern(mask, pattern)
+        return Trigger(PATCH, {"mask": mask, "pattern": pattern})
     if spec.kind == "chessboard":
         rr, cc = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         board = ((rr + cc) % 2).float() * 2 - 1
-        return Additive(float(p["amplitude"]) * board.expand(c, h, w).clone())
+        return Trigger(PERTURBATION, {"delta": float(p["amplitude"]) * board.expand(c, h, w).clone()})
     if spec.kind == "single_pixel":
         r0, c0 = _location(p["location"], h, w, 1, g)
         delta = torch.zeros(c, h, w)
         delta[:, r0, c0] = float(p["delta"])
-        return Additive(delta)
+        return Trigger(PERTURBATION, {"delta": delta})
     if spec.kind == "blend":
         if p["pattern"] == "random":
             pattern = torch.rand(c, h, w, generator=g)
         else:
-            from bna_gateway.mitigation.datasets import decode_image
-
-            pattern = decode_image(Path(p["pattern"]), c, (h, w))
-        return MaskPattern(torch.full((1, h, w), float(p["alpha"])), pattern)
+            pattern = ImageDecoder(c, (h, w)).read(Path(p["pattern"]))
+        return Trigger(PATCH, {"mask": torch.full((1, h, w), float(p["alpha"])), "pattern": pattern})
     if spec.kind == "sig":
         cols = torch.arange(w).float()
         wave = float(p["delta"]) * torch.sin(2 * math.pi * cols * float(p["frequency"]) / w)
-        return Additive(wave.view(1, 1, w).expand(c, h, w).clone())
+        return Trigger(PERTURBATION, {"delta": wave.view(1, 1, w).expand(c, h, w).clone()})
     if spec.kind == "wanet":
-        return Warp(wanet_grids(h, w, int(p["k"]), float(p["s"]), float(p["grid_rescale"]), g))
+        return Trigger(WARP, {"flow": wanet_flow(h, w, int(p["k"]), float(p["s"]), float(p["grid_rescale"]), g)})
     raise ValueError(f"unknown attack {spec.kind!r}")
 
 
-def wanet_noise(trigger: Warp, n: int, g: torch.Generator) -> Warp:
-    """WaNet's 'noise mode': the warping grid plus random jitter, used with the true label in training."""
-    h, w = trigger.grid.shape[1:3]
+def wanet_noise(trigger: Trigger, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """WaNet's 'noise mode': ``x`` warped through the trigger's grid plus random jitter of up to a pixel
+    (each image its own), used with the true label in training so the model learns the exact warp."""
+    n, _, h, w = x.shape
     jitter = (torch.rand(n, h, w, 2, generator=g) * 2 - 1) / max(h, w)
-    return Warp((trigger.grid + jitter).clamp(-1, 1))
+    grid = (sampling_grid(trigger.flow.unsqueeze(0).cpu()) + jitter).clamp(-1, 1)
+    return resample(x, grid.to(x.device))

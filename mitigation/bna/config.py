@@ -1,0 +1,42 @@
+"""Every setting of the BNA twin fit, with its default and why (docs/method.md#bna)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bna_gateway.models.twins import TwinStats
+
+DIVERGENCES = ("tv", "js", "kl")
+
+
+@dataclass(frozen=True)
+class BNAConfig:
+    divergence: str = "tv"
+    bin_width: float = 0.1
+    tau: float = 150.0
+    steps: int = 60
+    lr: float = 0.08  # full-set Adam steps, fewer than the paper's 10 mini-batch epochs at 0.01: a larger step
+    warmup: int = 10  # linear learning-rate warm-up: Adam's first steps move every statistic by ~lr at once
+    include_target_clean: bool = True  # clean target-class images in both sets keep their features intact
+    layer_weighting: bool = True  # weight each layer by its divergence before fitting
+    chunk: int = 512  # images per forward pass
+    grid: int | None = 7  # histogram over a fixed ~7x7 grid of positions per feature map (None: all)
+    margin_quantile: float = 0.9  # serving threshold: this quantile of clean target images' twin margin
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.divergence!r}: use tv, js or kl")
+        if self.steps < 0 or self.warmup < 0 or not self.lr > 0:
+            raise ValueError("BNA steps and warm-up must be 0 or more, and the learning rate above 0")
+
+
+@dataclass(frozen=True)
+class TwinFit:
+    """A fitted twin and how it got there (per-layer divergences keyed like the twin's statistics)."""
+
+    stats: TwinStats
+    divergence_before: dict[str, float]
+    divergence_after: dict[str, float]
+    divergence_init: dict[str, float]
+    loss_history: list[float] = field(default_factory=list)
+    seconds: float = 0.0

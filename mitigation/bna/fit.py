@@ -1,0 +1,254 @@
+"""Fit one twin ``g(.|Theta_t)``: BN statistics such that trigger-embedded activations match clean ones.
+
+For each BN layer and channel, the reference is the histogram of the layer's output on clean images
+through the original network; the candidate is the soft histogram of the same layer's output on
+trigger-embedded images through the twin. The loss is the divergence between the two, averaged over
+a layer's channels and weighted per layer by how much the trigger shifted that layer before fitting.
+All channels of a layer, and all layers, are optimised together: one forward/backward per step over
+the whole candidate set (full-set histograms; mini-batch histograms have a noise floor above the
+trigger's real shift). Sets too large for one pass are processed in chunks with an exact two-pass
+gradient (histograms are sums over images).
+
+Parameterisation: ``mean = m0 + s0 * u`` and ``std = s0 * exp(v)`` with ``u = v = 0`` at the start, so
+Adam's learning rate is relative to each channel's own scale. The start ``(m0, s0)`` is the statistics
+re-estimated on the candidate images. docs/method.md#bna.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bna_gateway.mitigation.bna.config import BNAConfig, TwinFit
+from bna_gateway.mitigation.bna.histogram import BinSpec, divergence, hard_histogram, soft_histogram
+from bna_gateway.mitigation.bna.stats import Stats, capture_bn_outputs, channel_view, reestimate_bn, twin_layers
+from bna_gateway.models.twins import TwinRouter, TwinStats, twin_margin
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Per-layer bins (from the clean images' range) and the clean reference histograms."""
+
+    bins: dict[str, BinSpec]
+    widths: dict[str, torch.Tensor]
+    hist: dict[str, torch.Tensor]
+
+
+class TwinStatistics(nn.Module):
+    """The statistics being fitted: ``mean = m0 + s0 u``, ``var = (s0 exp(v))^2 - eps`` per layer."""
+
+    def __init__(self, init: Stats, layers: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.names = list(init)
+        self.eps = {n: layers[n].eps for n in self.names}
+        self.m0 = {n: init[n][0] for n in self.names}
+        self.s0 = {n: (init[n][1] + self.eps[n]).sqrt() for n in self.names}
+        self.u = nn.ParameterDict({n.replace(".", "/"): nn.Parameter(torch.zeros_like(self.m0[n])) for n in self.names})
+        self.v = nn.ParameterDict({n.replace(".", "/"): nn.Parameter(torch.zeros_like(self.m0[n])) for n in self.names})
+
+    def current(self) -> Stats:
+        out = {}
+        for n in self.names:
+            k = n.replace(".", "/")
+            out[n] = (self.m0[n] + self.s0[n] * self.u[k], (self.s0[n] * self.v[k].exp()) ** 2 - self.eps[n])
+        return out
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.named_parameters()}
+
+    def restore(self, snap: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, p in self.named_parameters():
+                p.copy_(snap[k])
+
+
+def embed_round_robin(src: torch.Tensor, triggers: list[nn.Module], chunk: int) -> torch.Tensor:
+    """Image ``i`` gets ``triggers[i % len(triggers)]`` (e.g. one estimate at several strengths)."""
+    out = torch.empty_like(src)
+    with torch.no_grad():
+        for k, trig in enumerate(triggers):
+            idx = torch.arange(k, len(src), len(triggers), device=src.device)
+            for i in range(0, len(idx), chunk):
+                out[idx[i : i + chunk]] = trig(src[idx[i : i + chunk]])
+    return out
+
+
+def fit_sets(x: torch.Tensor, y: torch.Tensor, target: int, sources: list[int], aux: list[int] | tuple[int, ...],
+             triggers: list[nn.Module], cfg: BNAConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference images (clean), the candidate images (triggered), and the clean target images.
+
+    The source images are repeated until they weigh as much as the aux classes' (the twin serves S(t)
+    first), each copy with the next trigger variant; the clean target images join both sets."""
+    src = x[torch.isin(y, torch.tensor(sources, device=y.device))]
+    extra_classes = [c for c in aux if c not in sources and c != target]
+    extra = x[torch.isin(y, torch.tensor(extra_classes, dtype=y.dtype, device=y.device))]
+    if len(extra) and len(src):
+        src = torch.cat([src.repeat_interleave(max(1, round(len(extra) / len(src))), 0), extra])
+    tgt = x[y == target]
+    trig = embed_round_robin(src, triggers, cfg.chunk)
+    ref_x = torch.cat([src, tgt]) if cfg.include_target_clean else src
+    cand_x = torch.cat([trig, tgt]) if cfg.include_target_clean else trig
+    return ref_x, cand_x, tgt
+
+
+def layer_histograms(model: nn.Module, x: torch.Tensor, ref: Reference, cfg: BNAConfig, stats: Stats | None = None,
+                     soft: bool = True) -> dict[str, torch.Tensor]:
+    """Total histogram of every BN layer's output over ``x`` (no grad)."""
+    totals: dict[str, torch.Tensor] = {}
+
+    def sink(name: str, out: torch.Tensor) -> None:
+        a = channel_view(out, cfg.grid)
+        w = ref.widths[name]
+        h = soft_histogram(a, ref.bins[name], w, cfg.tau) if soft else hard_histogram(a, ref.bins[name], w)
+        totals[name] = totals[name] + h if name in totals else h
+
+    with torch.no_grad(), capture_bn_outputs(model, sink, stats):
+        for i in range(0, len(x), cfg.chunk):
+            model(x[i : i + cfg.chunk])
+    return totals
+
+
+def clean_reference(model: nn.Module, x: torch.Tensor, cfg: BNAConfig) -> Reference:
+    """Bins spanning each channel's clean [min, max], and the clean images' hard histograms."""
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+
+    def sink(name: str, out: torch.Tensor) -> None:
+        a = channel_view(out, cfg.grid)
+        lo[name] = torch.minimum(lo[name], a.min(1).values) if name in lo else a.min(1).values
+        hi[name] = torch.maximum(hi[name], a.max(1).values) if name in hi else a.max(1).values
+
+    with torch.no_grad(), capture_bn_outputs(model, sink):
+        for i in range(0, len(x), cfg.chunk):
+            model(x[i : i + cfg.chunk])
+    bins = {n: BinSpec.from_range(lo[n], hi[n], cfg.bin_width) for n in lo}
+    widths = {n: bins[n].widths(hi[n] - lo[n]) for n in lo}
+    empty = Reference(bins, widths, {})
+    return Reference(bins, widths, layer_histograms(model, x, empty, cfg, soft=False))
+
+
+def per_layer(ref: Reference, cand: dict[str, torch.Tensor], kind: str) -> dict[str, float]:
+    return {n: float(divergence(ref.hist[n], cand[n], kind).mean()) for n in ref.hist}
+
+
+def lr_factor(step: int, cfg: BNAConfig) -> float:
+    """Multiplier of ``cfg.lr`` at ``step``: linear warm-up over the first ``cfg.warmup`` steps, then 1.
+
+    Adam's first steps are about ``lr`` times the sign of the gradient for every statistic at once; on
+    a trigger that shifts every layer (chessboard) a full first step at lr 0.08 raised the loss, and
+    the fit never came back below its start (CHANGELOG). ``warmup = 0`` gives 1 from the first step."""
+    return min(1.0, (step + 1) / (cfg.warmup + 1))
+
+
+def fit_twin(model: nn.Module, target: int, x: torch.Tensor, y: torch.Tensor, sources: list[int],
+             trigger: nn.Module | list[nn.Module], cfg: BNAConfig | None = None,
+             aux: list[int] | tuple[int, ...] = ()) -> TwinFit:
+    """Fit ``g(.|Theta_target)`` for ``model`` (a ``Classifier``, or any module; images in [0, 1]).
+
+    ``x, y``: the defender's clean set; ``sources``: S(target); ``trigger``: the estimated trigger, or
+    several variants of it (applied round-robin to the source images). ``aux``: more classes to fit on
+    (those the trigger moves elsewhere); the source images are repeated to weigh as much as theirs."""
+    cfg = cfg or BNAConfig()
+    start = time.perf_counter()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    triggers = [t.to(x.device) for t in (trigger if isinstance(trigger, list) else [trigger])]
+    ref_x, cand_x, clean_target = fit_sets(x, y, target, sources, aux, triggers, cfg)
+    ref = clean_reference(model, ref_x, cfg)
+    before = per_layer(ref, layer_histograms(model, cand_x, ref, cfg), cfg.divergence)
+    top = max(before.values()) or 1.0
+    weights = {n: (before[n] / top if cfg.layer_weighting else 1.0) for n in before}
+    params = TwinStatistics(reestimate_bn(model, cand_x, cfg.chunk), twin_layers(model)).to(x.device)
+    weights = {n: weights[n] for n in params.names}  # the loss sums the layers in this order
+    init = per_layer(ref, layer_histograms(model, cand_x, ref, cfg, params.current()), cfg.divergence)
+    history = optimise(model, cand_x, ref, weights, params, cfg, desc=f"BNA target {target}")
+    with torch.no_grad():
+        final = {n: (m.detach(), var.detach().clamp(min=0)) for n, (m, var) in params.current().items()}
+    after = per_layer(ref, layer_histograms(model, cand_x, ref, cfg, final), cfg.divergence)
+    stats = TwinStats(target, {n: m.cpu() for n, (m, _) in final.items()},
+                      {n: v.cpu() for n, (_, v) in final.items()}, 0.0, list(sources))
+    stats.flag_margin = calibrate_margin(model, stats, clean_target, target, cfg.margin_quantile)
+    seconds = time.perf_counter() - start
+    log.info("twin for target %d: loss %.4f -> %.4f in %.1f s, flag margin %.3f", target,
+             history[0] if history else float("nan"), min(history, default=float("nan")), seconds, stats.flag_margin)
+    return TwinFit(stats, before, after, init, history, seconds)
+
+
+def optimise(model: nn.Module, cand_x: torch.Tensor, ref: Reference, weights: dict[str, float],
+             params: TwinStatistics, cfg: BNAConfig, desc: str) -> list[float]:
+    """``cfg.steps`` full-set Adam steps on the weighted divergence; leaves ``params`` at the best step's
+    values and returns the loss of every step."""
+    opt = torch.optim.Adam(params.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, cfg))
+    history: list[float] = []
+    best_loss, best = float("inf"), params.snapshot()
+    for _ in tqdm(range(cfg.steps), desc=desc, unit="step", disable=not cfg.progress):
+        opt.zero_grad(set_to_none=True)
+        value = full_set_backward(model, cand_x, ref, weights, params.current(), cfg)
+        history.append(value)
+        if value < best_loss:
+            best_loss, best = value, params.snapshot()
+        opt.step()
+        sched.step()
+    params.restore(best)
+    return history
+
+
+def _loss(ref: Reference, hists: dict[str, torch.Tensor], weights: dict[str, float], kind: str) -> torch.Tensor:
+    """The weighted sum over layers of each layer's mean divergence over its channels."""
+    return sum(w * divergence(ref.hist[n], hists[n], kind).mean() for n, w in weights.items())  # type: ignore[return-value]
+
+
+def full_set_backward(model: nn.Module, cand_x: torch.Tensor, ref: Reference, weights: dict[str, float],
+                      stats: Stats, cfg: BNAConfig) -> float:
+    """The loss over the whole candidate set and its gradient (accumulated into the statistics).
+
+    One pass when the set fits ``cfg.chunk``; otherwise exactly, in two passes: the total histograms
+    first, then per chunk the gradient of the loss through that chunk's share of them."""
+    if len(cand_x) <= cfg.chunk:
+        hists: dict[str, torch.Tensor] = {}
+
+        def sink(name: str, out: torch.Tensor) -> None:
+            hists[name] = soft_histogram(channel_view(out, cfg.grid), ref.bins[name], ref.widths[name], cfg.tau)
+
+        with capture_bn_outputs(model, sink, stats):
+            model(cand_x)
+        loss = _loss(ref, hists, weights, cfg.divergence)
+        loss.backward()
+        return float(loss.detach())
+    with torch.no_grad():
+        totals = layer_histograms(model, cand_x, ref, cfg, stats)
+    leaves = {n: h.clone().requires_grad_(True) for n, h in totals.items()}
+    loss = _loss(ref, leaves, weights, cfg.divergence)
+    names = list(leaves)
+    grads = dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names])))
+    for i in range(0, len(cand_x), cfg.chunk):
+        parts: list[torch.Tensor] = []
+
+        def chunk_sink(name: str, out: torch.Tensor) -> None:
+            h = soft_histogram(channel_view(out, cfg.grid), ref.bins[name], ref.widths[name], cfg.tau)
+            parts.append((grads[name] * h).sum())
+
+        with capture_bn_outputs(model, chunk_sink, stats):
+            model(cand_x[i : i + cfg.chunk])
+        torch.stack(parts).sum().backward()
+    return float(loss)
+
+
+@torch.no_grad()
+def calibrate_margin(model: nn.Module, stats: TwinStats, clean_target: torch.Tensor, target: int,
+                     quantile: float) -> float:
+    """Serving threshold on the twin's margin (``models.twins.twin_margin``): its ``quantile`` over the
+    defender's clean images of the target class (never below 0, the plain 'labels differ' rule)."""
+    if len(clean_target) == 0 or quantile <= 0:
+        return 0.0
+    router = TwinRouter(model, [stats]).to(clean_target.device)
+    margin = twin_margin(router.twin_logits(clean_target, target).softmax(1), target)
+    return max(0.0, float(torch.quantile(margin, quantile)))

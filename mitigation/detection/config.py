@@ -1,0 +1,106 @@
+"""Every setting of detection, with its default and why (docs/method.md#detection).
+
+``DetectionConfig`` holds the stages' settings; ``ReverseConfig`` the batched trigger optimiser's. Both
+are frozen: a stage that needs other settings (the per-target re-estimate) derives its own copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from bna_gateway.mitigation.triggers import FAMILIES, PATCH, PERTURBATION, TriggerFamily
+
+DEFAULT_THRESHOLD = 7.0  # MAD anomaly threshold (with the 1.4826 consistency constant), the paper's
+TRIGGER_TYPES = (*FAMILIES, "both", "all")
+STATISTICS = ("auto", "source", "plain")
+
+
+def families_for(trigger_type: str) -> tuple[TriggerFamily, ...]:
+    """The trigger families a ``--trigger-type`` asks for: one, both (patch and perturbation), or all."""
+    if trigger_type == "all":
+        return tuple(FAMILIES.values())
+    if trigger_type == "both":
+        return (PATCH, PERTURBATION)
+    if trigger_type not in FAMILIES:
+        raise ValueError(f"--trigger-type must be one of {', '.join(TRIGGER_TYPES)}, not {trigger_type!r}")
+    return (FAMILIES[trigger_type],)
+
+
+@dataclass(frozen=True)
+class ReverseConfig:
+    """The batched reverse-engineering optimiser (Neural Cleanse's objective, one trigger per group)."""
+
+    steps: int = 300
+    images_per_group: int = 6
+    lr_patch: float = 0.1
+    lr_perturbation: float = 0.02
+    lr_warp: float = 0.05  # control-point displacement, pixels per step
+    init_lambda: float = 0.05
+    lambda_up: float = 1.5
+    lambda_down: float = 1.5 ** 1.5
+    patience: int = 5
+    success_threshold: float = 0.9
+    max_images_per_pass: int = 512
+    seed: int = 0
+    progress: bool = True
+    # perturbation and warp families: scale each kept trigger by the smallest of these factors that makes it
+    # succeed on ``success_threshold`` of its whole pool. A minimal perturbation (or warp) sits on the decision
+    # boundary of the images it was fitted on; on a pool of several classes it may succeed on only half of
+    # them, and comparing such sizes says little. Empty: off (the pair stage); the per-target re-estimate uses it.
+    calibrate_scales: tuple[float, ...] = ()
+
+    def lr(self, family: TriggerFamily) -> float:
+        return float(getattr(self, f"lr_{family.name}"))
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Settings of the detection stages (``pipeline.detect_backdoor`` runs them in order)."""
+
+    # patch | perturbation | warp | both (patch and perturbation) | all (the three): the trigger families
+    # reverse-engineered for every pair, each judged against its own median
+    trigger_type: str = "all"
+    threshold: float = DEFAULT_THRESHOLD
+    # pair statistic: "plain" = 1 / size (the paper); "source" = (median size of the source's triggers
+    # to every class) / size, so that a source that is easy to turn into anything (MNIST's thin "1")
+    # does not look backdoored towards every class; "auto" = "source" from 5 classes up (each source
+    # then has enough targets for its median), else "plain"
+    statistic: str = "auto"
+    pair: ReverseConfig = field(default_factory=ReverseConfig)
+    reestimate_steps: int = 300
+    reestimate_images: int = 24
+    # all-to-all false-pair test: a joint trigger this much larger than the smallest pair's alone (re-estimated
+    # with the same settings) means the sources do not all share one trigger; only the smallest pair is kept,
+    # with the sources on which its trigger also succeeds (at least ``expand_sources``)
+    joint_ratio: float = 2.0
+    # re-estimated perturbations are scaled up by the first of these factors that makes them succeed on
+    # ReverseConfig.success_threshold of their whole pool (see ReverseConfig.calibrate_scales)
+    reestimate_scales: tuple[float, ...] = (1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+    binarise_fraction: float = 0.1  # patch estimate: mask -> 1 where it exceeds this fraction of its max
+    # a class joins S(t) when t's re-estimated trigger sends at least this fraction of its clean images
+    # to t (None: off). An all-to-one backdoor's trigger works on every class, also on the sources whose
+    # pair stayed under the threshold; a natural or all-to-all pair's trigger does not transfer.
+    expand_sources: float | None = 0.5
+    # a target whose trigger also moves other classes elsewhere (an all-to-all backdoor) has its trigger
+    # re-fitted on that whole domain, each class towards where the trigger sends it
+    domain_refit: bool = True
+    # patch targets whose triggers also work on each other's sources share one stamp: each twin is also
+    # fitted on the union of their estimates
+    shared_patch: bool = True
+    # trigger transfer: a flagged pair's trigger that sends at least this fraction of class c to t' replaces
+    # the trigger of (c, t') when smaller (None: off); up to ``transfer_rounds`` rounds
+    transfer_success: float | None = 0.5
+    transfer_rounds: int = 3
+
+    def __post_init__(self) -> None:
+        families_for(self.trigger_type)  # refuses an unknown type with the accepted ones
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"unknown pair statistic {self.statistic!r}: use plain, source or auto")
+
+    @property
+    def families(self) -> tuple[TriggerFamily, ...]:
+        return families_for(self.trigger_type)
+
+    def reestimate(self) -> ReverseConfig:
+        """The optimiser's settings for per-target re-estimates: longer, more images, calibrated."""
+        return replace(self.pair, steps=self.reestimate_steps, images_per_group=self.reestimate_images,
+                       calibrate_scales=self.reestimate_scales)

@@ -1,0 +1,1 @@
+"""The detection stages, one module each; ``detection.pipeline`` runs them in order."""

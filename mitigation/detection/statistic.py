@@ -1,0 +1,67 @@
+"""From trigger sizes to anomaly scores: the pair statistic and the MAD test (docs/method.md#scoring)."""
+from __future__ import annotations
+
+import torch
+
+MAD_CONSISTENCY = 1.4826  # makes MAD a consistent estimator of the standard deviation for normal data
+
+
+def all_pairs(num_classes: int) -> list[tuple[int, int]]:
+    """Every ordered (source, target) pair, source-major."""
+    return [(s, t) for s in range(num_classes) for t in range(num_classes) if s != t]
+
+
+def resolve_statistic(kind: str, num_classes: int) -> str:
+    """``auto`` is the source-normalised statistic from 5 classes up (each source then has enough
+    targets for its median), else plain."""
+    if kind not in ("plain", "source", "auto"):
+        raise ValueError(f"unknown pair statistic {kind!r}: use plain, source or auto")
+    return ("source" if num_classes >= 5 else "plain") if kind == "auto" else kind
+
+
+def pair_statistic(size: torch.Tensor, pairs: list[tuple[int, int]], num_classes: int, kind: str = "auto") -> torch.Tensor:
+    """Per-pair anomaly statistic from trigger sizes (large = suspiciously small trigger; NaN = no trigger).
+
+    plain: ``1 / size`` (the paper). source: the median size of the source's triggers to every class,
+    divided by this pair's size, so a source that is easy to turn into anything is not flagged towards
+    every class. A pair with no successful trigger counts in its source's median as the largest size
+    found (not inf: a warping backdoor leaves most pairs without a warp, and a median of inf would
+    leave its own pairs no statistic)."""
+    kind = resolve_statistic(kind, num_classes)
+    size = size.double()
+    found = torch.isfinite(size) & (size > 0)
+    nan = torch.full_like(size, float("nan"))
+    if kind == "plain":
+        return torch.where(found, 1.0 / size, nan).float()
+    src = torch.tensor([s for s, _ in pairs])
+    tgt = torch.tensor([t for _, t in pairs])
+    table = torch.full((num_classes, num_classes), float("nan"), dtype=torch.double)
+    largest = size[found].max() if bool(found.any()) else torch.tensor(float("nan"), dtype=torch.double)
+    table[src, tgt] = torch.where(torch.isinf(size), largest, size)
+    med = table.nanmedian(dim=1).values[src]
+    return torch.where(found & torch.isfinite(med), med / size, nan).float()
+
+
+def mad_scores(statistic: torch.Tensor) -> torch.Tensor:
+    """``(stat - median) / (1.4826 * MAD)``; large positive = anomalously large statistic (small trigger).
+
+    One-sided: only unusually small triggers are suspicious. Non-finite statistics (no trigger found)
+    get score 0 and do not enter the median."""
+    stat = statistic.double()
+    finite = torch.isfinite(stat)
+    if finite.sum() < 3:
+        return torch.zeros_like(stat)
+    vals = stat[finite]
+    med = vals.median()
+    mad = (vals - med).abs().median() * MAD_CONSISTENCY
+    mad = torch.clamp(mad, min=1e-12 * max(1.0, float(med.abs())))
+    score = torch.zeros_like(stat)
+    score[finite] = (vals - med) / mad
+    return score.float()
+
+
+def pair_scores(size: torch.Tensor, pairs: list[tuple[int, int]], num_classes: int, kind: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistic and MAD score of every pair, from one family's trigger sizes."""
+    stat = pair_statistic(size, pairs, num_classes, kind)
+    return stat, mad_scores(stat)
