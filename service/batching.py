@@ -11,6 +11,15 @@ some request is already on its way in (body being read or images decoded, see
 arrived. A lone request therefore goes straight to the model, requests arriving together share a
 batch, and because the thread takes what is queued the moment it is free, the event loop keeps
 reading and decoding the next requests while the model runs (the two overlap instead of taking turns).
+
+Admission: at most ``max_queued_images`` images wait for a batch; :meth:`MicroBatcher.enqueue` refuses
+a job that would pass the bound (:class:`QueueFull`) rather than letting the queue, and every client's
+wait, grow without end. A job carries a deadline: one still waiting when it passes is never given to the
+model, and its request withdraws it (:meth:`MicroBatcher.withdraw`).
+
+Bundle roll-out: each job carries the predict function it was admitted with, and a batch only ever
+holds jobs of one predict function, so a new bundle takes over *between* batches while the requests
+admitted before the swap finish on the old one.
 """
 from __future__ import annotations
 
@@ -36,11 +45,19 @@ class BatcherClosed(RuntimeError):
     """The gateway is shutting down and takes no new work."""
 
 
+class QueueFull(RuntimeError):
+    """Admitting the job would pass ``max_queued_images``."""
+
+
 @dataclass(eq=False)
-class _Job:
+class Job:
+    """One request's images in the queue; ``future`` gives their outcomes, in order."""
+
     images: torch.Tensor
     future: asyncio.Future[BatchOutcome]
+    predict: PredictFn
     enqueued: float
+    deadline: float
     scheduled: int = 0  # images handed to a batch (inference thread, under the lock)
     finished: int = 0  # images with outcomes (event loop)
     pieces: list[BatchOutcome] = field(default_factory=list)
@@ -54,20 +71,22 @@ class _Job:
         return self.size - self.scheduled
 
 
-_Part = tuple[_Job, int, int]  # job, first image, one past the last image
+_Part = tuple[Job, int, int]  # job, first image, one past the last image
 
 
 class MicroBatcher:
     """Queue + inference thread that turn concurrent requests into batched ``predict`` calls."""
 
-    def __init__(self, predict: PredictFn, max_batch_size: int, max_wait_s: float) -> None:
+    def __init__(
+        self, max_batch_size: int, max_wait_s: float, max_queued_images: int | None = None
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
-        self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.max_queued_images = max_queued_images
         self._cond = threading.Condition()
-        self._queue: deque[_Job] = deque()
+        self._queue: deque[Job] = deque()
         self._queued_images = 0
         self._incoming = 0
         self._closing = False
@@ -100,23 +119,53 @@ class MicroBatcher:
                 self._incoming -= 1
                 self._cond.notify()
 
-    def enqueue(self, images: torch.Tensor) -> asyncio.Future[BatchOutcome]:
-        """Queue a request's images ``[N, C, H, W]``; the future gives their outcomes, in order.
+    @property
+    def queued_images(self) -> int:
+        """Images admitted and not yet handed to a batch."""
+        return self._queued_images
 
-        Call it inside :meth:`incoming` so the job is queued before the request stops counting as
-        on its way."""
-        if images.shape[0] == 0:
+    def has_room(self) -> bool:
+        """Whether one more image would be admitted now (a cheap check before reading a body)."""
+        return self.max_queued_images is None or self._queued_images < self.max_queued_images
+
+    def enqueue(self, images: torch.Tensor, predict: PredictFn, timeout_s: float = float("inf")) -> Job:
+        """Queue a request's images ``[N, C, H, W]`` for ``predict``; ``job.future`` gives their outcomes.
+
+        Call it inside :meth:`incoming` so the job is queued before the request stops counting as on its
+        way. Raises :class:`QueueFull` when the images would pass ``max_queued_images`` and
+        :class:`BatcherClosed` once shutdown has begun."""
+        n = int(images.shape[0])
+        if n == 0:
             raise ValueError("no images to classify")
         if self._loop is None:
             raise RuntimeError("the batcher has not been started")
-        job = _Job(images, self._loop.create_future(), time.monotonic())
+        now = time.monotonic()
+        job = Job(images, self._loop.create_future(), predict, now, now + timeout_s)
         with self._cond:
             if self._closing:
                 raise BatcherClosed("the gateway is shutting down")
+            if self.max_queued_images is not None and self._queued_images + n > self.max_queued_images:
+                raise QueueFull(
+                    f"{self._queued_images} images are queued; {n} more would pass the bound of {self.max_queued_images}"
+                )
             self._queue.append(job)
-            self._queued_images += job.size
+            self._queued_images += n
             self._cond.notify()
-        return job.future
+        return job
+
+    def withdraw(self, job: Job) -> None:
+        """Take a job's images that no batch has taken yet out of the queue (its request gave up), and
+        drop the results of any part already running."""
+        with self._cond:
+            if job.unscheduled:
+                self._queued_images -= job.unscheduled
+                job.scheduled = job.size
+                try:
+                    self._queue.remove(job)
+                except ValueError:
+                    pass
+        if not job.future.done():
+            job.future.cancel()
 
     # -- inference thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -141,15 +190,20 @@ class MicroBatcher:
             self._cond.wait(remaining)
 
     def _take(self) -> list[_Part]:
-        """With the lock held: pop up to ``max_batch_size`` images, splitting a job that does not fit."""
+        """With the lock held: pop up to ``max_batch_size`` images of one predict function, splitting a
+        job that does not fit and dropping jobs whose request has gone or whose deadline has passed."""
         parts: list[_Part] = []
         room = self.max_batch_size
+        now = time.monotonic()
         while room and self._queue:
             job = self._queue[0]
-            if job.future.done():  # cancelled by its client, or failed in an earlier batch
-                self._queue.popleft()
+            if job.future.done() or (job.scheduled == 0 and now > job.deadline):
+                self._queue.popleft()  # its request answers (or has answered) without it
                 self._queued_images -= job.unscheduled
+                job.scheduled = job.size
                 continue
+            if parts and job.predict is not parts[0][0].predict:
+                break  # a bundle swap: the next batch starts on the new bundle
             n = min(room, job.unscheduled)
             parts.append((job, job.scheduled, job.scheduled + n))
             job.scheduled += n
@@ -163,7 +217,7 @@ class MicroBatcher:
         assert self._loop is not None
         chunks = [job.images[start:stop] for job, start, stop in parts]
         try:
-            outcome = self.predict(chunks[0] if len(chunks) == 1 else torch.cat(chunks))
+            outcome = parts[0][0].predict(chunks[0] if len(chunks) == 1 else torch.cat(chunks))
         except Exception as exc:  # a model failure fails the requests in this batch, not the thread
             log.exception("inference failed for a batch of %d images", sum(len(c) for c in chunks))
             self._loop.call_soon_threadsafe(self._fail, parts, exc)

@@ -63,7 +63,71 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(64, ge=1, description="most images in one request (413 above)")
 
-    api_key: SecretStr | None = Field(None, description="when set, /classify needs 'Authorization: Bearer <key>'")
+    max_queued_images: int = Field(
+        256,
+        ge=1,
+        description=(
+            "admission bound: images waiting for a batch. A /classify request that would pass it is refused at "
+            "once with 503 and Retry-After (reason queue_full) instead of waiting behind the others"
+        ),
+    )
+    request_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=600.0,
+        description=(
+            "per-request deadline from admission (body read) to answer: a request whose images have not been "
+            "classified by then is answered 503 with Retry-After (reason deadline) and leaves the queue"
+        ),
+    )
+    retry_after_s: int = Field(1, ge=1, le=3600, description="the Retry-After header of every 503")
+    inline_decode_max_pixels: int = Field(
+        262_144,
+        ge=0,
+        description=(
+            "a request whose images hold at most this many pixels in all (read from the image headers) is "
+            "decoded on the event loop; a larger one in a worker thread, so it never stalls other requests"
+        ),
+    )
+
+    header_timeout_s: float = Field(
+        10.0, gt=0.0, le=600.0, description="a connection that has not sent a complete request head within this is closed"
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0.0,
+        le=3600.0,
+        description="a request body not complete this long after its head is answered 408 and its connection closed",
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description=(
+            "open connections; one more is answered 503 with Retry-After (reason connection_limit) and closed. "
+            "Keep it below the process' file-descriptor limit"
+        ),
+    )
+
+    bundle_watch_interval_s: float = Field(
+        2.0,
+        ge=0.0,
+        description=(
+            "how often the bundle path is checked for a re-pointed symlink (a new bundle is then verified, warmed "
+            "and swapped in without downtime); 0 turns the check off (SIGHUP still reloads)"
+        ),
+    )
+
+    api_key: SecretStr | None = Field(
+        None, description="when set, /classify and /v1/model need 'Authorization: Bearer <key>'"
+    )
+    docs: bool | None = Field(
+        None,
+        description=(
+            "serve /docs, /redoc and /openapi.json; by default on without an API key and off with one "
+            "(the contract is public in docs/http.md; a keyed gateway need not advertise itself)"
+        ),
+    )
     quarantine_dir: Path | None = Field(None, description="save flagged images + a JSON record here (off when unset)")
     quarantine_max_files: int = Field(1000, ge=1, description="most quarantined images kept; the oldest go first")
 
@@ -74,6 +138,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_key_is_none(cls, v: object) -> object:
         return None if v in ("", None) else v
+
+    @field_validator("docs", mode="before")
+    @classmethod
+    def _empty_docs_is_default(cls, v: object) -> object:
+        return None if v == "" else v
 
     @field_validator("quarantine_dir", "bundle", mode="before")
     @classmethod
@@ -94,6 +163,19 @@ class Settings(BaseSettings):
                 "the Prometheus registry are per process); run more containers to scale out"
             )
         return self
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> "Settings":
+        if self.max_queued_images < self.max_images_per_request:
+            raise ValueError(
+                f"max_queued_images={self.max_queued_images} is below max_images_per_request="
+                f"{self.max_images_per_request}: the largest request allowed could never be queued"
+            )
+        return self
+
+    @property
+    def docs_enabled(self) -> bool:
+        return self.docs if self.docs is not None else self.api_key is None
 
     @property
     def torch_device(self) -> torch.device:

@@ -37,3 +37,29 @@ class MalformedRequest(ClientError):
     """The request is well-formed HTTP but not what /classify expects (422)."""
 
     status_code = 422
+
+
+class RequestTimeout(ClientError):
+    """The request body did not arrive within ``body_timeout_s`` (408; the connection is closed)."""
+
+    status_code = 408
+
+
+class ClientLeft(Exception):
+    """The client closed the connection before its request was complete: nobody to answer, not a fault
+    of the server. Counted as status 499 (nginx's "client closed request") and logged at INFO."""
+
+
+REFUSAL_REASONS = ("queue_full", "deadline", "not_ready", "draining", "connection_limit")
+
+
+class Unavailable(Exception):
+    """The gateway refuses the request for now (503 with ``Retry-After``): ``reason`` is one of
+    :data:`REFUSAL_REASONS`, the label of ``bna_requests_refused_total``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in REFUSAL_REASONS:
+            raise ValueError(f"unknown refusal reason {reason!r}")
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail

@@ -7,17 +7,20 @@ also split the traffic that micro-batching needs to see in one queue.) To scale 
 per GPU or container; Prometheus scrapes each and ``sum()`` adds them up.
 
 Label values are bounded: ``endpoint`` is one of the app's route paths (anything else is ``other``),
-``status`` an HTTP status code, ``target_class`` / ``corrected_class`` class ids of the bundle.
+``status`` an HTTP status code (499: the client left before its answer), ``target_class`` /
+``corrected_class`` class ids of the bundle, ``reason`` one of a fixed list (``errors.REFUSAL_REASONS``,
+``CLIENT_ABORT_REASONS``), ``result`` success or failure.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     GCCollector,
+    Gauge,
     Histogram,
     Info,
     PlatformCollector,
@@ -26,6 +29,10 @@ from prometheus_client import (
     generate_latest,
 )
 
+from bna_gateway.service.errors import REFUSAL_REASONS
+
+CLIENT_ABORT_REASONS = ("disconnect", "header_timeout", "body_timeout")
+RELOAD_RESULTS = ("success", "failure")
 INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -75,6 +82,32 @@ class GatewayMetrics:
             "bna_batch_size", "Images per model call", buckets=batch_size_buckets(max_batch_size), registry=r
         )
         self.bundle = Info("bna_bundle", "The bundle being served (value is always 1)", registry=r)
+        self.refused = Counter(
+            "bna_requests_refused_total",
+            "Requests answered 503 with Retry-After instead of being served, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.client_aborts = Counter(
+            "bna_client_aborts_total",
+            "Requests the client did not complete: it disconnected, or sent its head or body too slowly",
+            ["reason"],
+            registry=r,
+        )
+        self.queued_images = Gauge("bna_queued_images", "Images admitted and waiting for a batch", registry=r)
+        self.open_connections = Gauge("bna_open_connections", "Open client connections", registry=r)
+        self.bundle_reloads = Counter(
+            "bna_bundle_reloads_total",
+            "Bundle roll-outs (SIGHUP or a re-pointed bundle symlink): swapped in, or refused with the old one kept",
+            ["result"],
+            registry=r,
+        )
+        for reason in REFUSAL_REASONS:  # every series from zero, so rate() and alerts see them at once
+            self.refused.labels(reason=reason)
+        for reason in CLIENT_ABORT_REASONS:
+            self.client_aborts.labels(reason=reason)
+        for result in RELOAD_RESULTS:
+            self.bundle_reloads.labels(result=result)
 
     def set_bundle(self, version: str, arch: str, device: str, targets: Iterable[int], sources: dict[int, list[int]]) -> None:
         """Publish ``bna_bundle_info`` and start the per-target series at zero so rate() sees them at once."""
@@ -86,6 +119,19 @@ class GatewayMetrics:
             self.twin_checks.labels(target_class=str(t))
             for s in sources.get(t, []):
                 self.triggers.labels(target_class=str(t), corrected_class=str(s))
+
+    def watch_queue(self, queued_images: Callable[[], float]) -> None:
+        """``bna_queued_images`` reads the batcher's count at scrape time."""
+        self.queued_images.set_function(queued_images)
+
+    def observe_refused(self, reason: str) -> None:
+        self.refused.labels(reason=reason).inc()
+
+    def observe_client_abort(self, reason: str) -> None:
+        self.client_aborts.labels(reason=reason).inc()
+
+    def observe_reload(self, ok: bool) -> None:
+        self.bundle_reloads.labels(result="success" if ok else "failure").inc()
 
     def observe_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

@@ -6,16 +6,22 @@ every way a client can get this wrong is a :class:`~bna_gateway.service.errors.C
 """
 from __future__ import annotations
 
-import logging
+import asyncio
 from dataclasses import dataclass
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from bna_gateway.service.errors import EmptyBody, MalformedRequest, PayloadTooLarge, UnsupportedMediaType
+from bna_gateway.service.errors import (
+    ClientLeft,
+    EmptyBody,
+    MalformedRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 
-log = logging.getLogger(__name__)
 
 FIELD = "file"
 _ACCEPTED_PART_TYPES = (b"", b"application/octet-stream")
@@ -33,12 +39,14 @@ class ImagePart:
         return f"image {index}" + (f" ({self.filename!r})" if self.filename else "")
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, or :class:`PayloadTooLarge` as soon as it passes ``max_bytes``.
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, or a client error: :class:`PayloadTooLarge` as soon as it passes ``max_bytes``
+    (declared or counted), :class:`RequestTimeout` when it is not all there within ``timeout_s``,
+    :class:`ClientLeft` when the client goes away first.
 
-    An oversized body is drained (up to another ``max_bytes``) before answering, so that a client that
-    sends its whole body before reading the response still sees the 413 rather than a reset connection.
-    """
+    A refused body is not read to its end here: ``api.middleware.UnreadBodyMiddleware`` reads a bounded
+    amount more (so a client that sends everything before reading sees the answer) and closes the
+    connection."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -46,29 +54,24 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         except ValueError:
             raise MalformedRequest(f"invalid Content-Length header: {declared!r}") from None
         if length > max_bytes:
-            if request.headers.get("expect", "").lower() != "100-continue":
-                await _drain(request, max_bytes)
             raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        return await asyncio.wait_for(_read(request, max_bytes), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise ClientLeft("the client closed the connection while sending its request") from None
+
+
+async def _read(request: Request, max_bytes: int) -> bytes:
     chunks: list[bytes] = []
     total = 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > max_bytes:
-            await _drain(request, max_bytes)
             raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-async def _drain(request: Request, budget: int) -> None:
-    drained = 0
-    try:
-        async for chunk in request.stream():
-            drained += len(chunk)
-            if drained > budget:
-                break
-    except Exception:  # the client went away or the stream was already consumed: nothing left to drain
-        log.debug("stopped draining an oversized body", exc_info=True)
 
 
 def split_payload(content_type: str | None, body: bytes, max_images: int) -> list[ImagePart]:

@@ -54,16 +54,16 @@ class QuarantineItem:
     filename: str | None = None
     content_type: str | None = None
     client: str | None = None
+    bundle_version: str = ""  # the bundle that flagged it (bundles can be rolled out while serving)
 
 
 class Quarantine:
-    def __init__(self, directory: Path, max_files: int, bundle_version: str = "") -> None:
+    def __init__(self, directory: Path, max_files: int) -> None:
         if max_files < 1:
             raise ValueError("quarantine_max_files must be at least 1")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_files = max_files
-        self.bundle_version = bundle_version
         self._lock = threading.Lock()
         self._stems: deque[str] = deque(sorted(p.stem for p in self.directory.glob("*.json")))
         with self._lock:
@@ -96,7 +96,7 @@ class Quarantine:
             "original_label": item.original_label,
             "corrected_label": item.corrected_label,
             "confidence": item.confidence,
-            "bundle_version": self.bundle_version,
+            "bundle_version": item.bundle_version,
             "client": item.client,
             "filename": item.filename,
             "content_type": item.content_type,

@@ -193,8 +193,9 @@ def test_compose_mitigate_writes_the_bundle_the_gateway_serves(compose, runtime)
     mounts = volume_mounts(mitigate)
     assert mounts[mitigate["environment"]["BNA_BUNDLE_DIR"]] == (BUNDLE_VOLUME, False)
     assert mounts[mitigate["environment"]["BNA_WORK_DIR"]][0] in compose["volumes"]
-    assert mounts[args.model][1] and mounts[args.clean][1], "model and clean folder are mounted read-only"
-    assert mitigate["environment"]["PYTHONPATH"] == args.model, "a bring-your-own factory in the model folder imports"
+    model, clean = str(args.model), str(args.clean)
+    assert mounts[model][1] and mounts[clean][1], "model and clean folder are mounted read-only"
+    assert mitigate["environment"]["PYTHONPATH"] == model, "a bring-your-own factory in the model folder imports"
     assert mitigate["healthcheck"] == {"disable": True}
 
 

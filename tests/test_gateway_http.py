@@ -94,7 +94,7 @@ def test_triggered_image_is_flagged_and_corrected_to_its_source(client: httpx.Cl
     assert p["original_label"] == TARGET
     assert p["label"] == SOURCE
     assert p["class_name"] == CLASS_NAMES[SOURCE]
-    model = client.get("/v1/model").json()
+    model = client.get("/v1/model", headers=AUTH).json()
     assert p["label"] in model["sources"][str(TARGET)]
 
 
@@ -150,7 +150,7 @@ def test_metrics_carry_the_designed_names(gateway: Gateway) -> None:
     info = [labels for (name, labels), _ in samples.items() if name == "bna_bundle_info"]
     assert len(info) == 1
     version = dict(info[0])["version"]
-    assert version == httpx.get(f"{gateway.url}/v1/model").json()["bundle_version"]
+    assert version == httpx.get(f"{gateway.url}/v1/model", headers=AUTH).json()["bundle_version"]
 
 
 def test_health_and_model_paths(client: httpx.Client, bundle: SyntheticBundle) -> None:
@@ -158,7 +158,7 @@ def test_health_and_model_paths(client: httpx.Client, bundle: SyntheticBundle) -
     assert client.get("/readyz").json() == {"status": "ready"}
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
-    model = client.get("/v1/model").json()
+    model = client.get("/v1/model", headers=AUTH).json()
     manifest = json.loads((bundle.path / "manifest.json").read_text())
     assert model["bundle_version"] == manifest["bundle_version"]
     assert model["classes"] == CLASS_NAMES
@@ -180,7 +180,14 @@ def test_bearer_token_required_when_configured(client: httpx.Client, bundle: Syn
     assert basic.status_code == 401
     assert client.post("/classify", files=files, headers=AUTH).status_code == 200
     assert client.get("/healthz").status_code == 200  # probes and scrapes need no token
+    assert client.get("/readyz").status_code == 200
     assert client.get("/metrics").status_code == 200
+    # What the defence knows (detected targets and their sources) is for key holders only ...
+    assert client.get("/v1/model").status_code == 401
+    assert client.get("/v1/model", headers=AUTH).json()["detected_targets"] == [TARGET]
+    # ... and a keyed gateway does not advertise its API (docs/http.md is the contract).
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert client.get(path).status_code == 404, path
 
 
 # -- quarantine ------------------------------------------------------------------------------------

@@ -178,13 +178,14 @@ def test_micro_batching_matches_the_router_image_for_image(synthetic: SyntheticB
     requests.append(list(range(16)) * 3)  # 48 images: larger than one batch
 
     async def run() -> list[BatchOutcome]:
-        batcher = MicroBatcher(observed, max_batch_size=16, max_wait_s=0.05)
+        batcher = MicroBatcher(max_batch_size=16, max_wait_s=0.05)
         batcher.start()
 
         async def one(idx: list[int]) -> BatchOutcome:
             with batcher.incoming():
                 await asyncio.sleep(0)
-            return await batcher.enqueue(pool[idx])
+                job = batcher.enqueue(pool[idx], observed)
+            return await job.future
 
         try:
             return await asyncio.gather(*(one(idx) for idx in requests))
@@ -208,12 +209,12 @@ def test_a_lone_request_does_not_wait_for_company(synthetic: SyntheticBundle, lo
     predictor = Predictor(loaded, torch.device("cpu"))
 
     async def run() -> float:
-        batcher = MicroBatcher(predictor, max_batch_size=64, max_wait_s=2.0)
+        batcher = MicroBatcher(max_batch_size=64, max_wait_s=2.0)
         batcher.start()
-        await batcher.enqueue(image)  # warm
+        await batcher.enqueue(image, predictor).future  # warm
         loop = asyncio.get_running_loop()
         start = loop.time()
-        await batcher.enqueue(image)
+        await batcher.enqueue(image, predictor).future
         elapsed = loop.time() - start
         await batcher.stop()
         return elapsed
@@ -224,10 +225,10 @@ def test_a_lone_request_does_not_wait_for_company(synthetic: SyntheticBundle, lo
 # -- quarantine ------------------------------------------------------------------------------------
 
 def test_quarantine_keeps_the_newest_records_only(tmp_path: Path) -> None:
-    q = Quarantine(tmp_path, max_files=3, bundle_version="v1")
+    q = Quarantine(tmp_path, max_files=3)
     png = encode(Image.new("L", (4, 4)))
     for i in range(5):
-        q.save([QuarantineItem(png, f"req/{i}", 0, TARGET, SOURCE, 0.9, "a.png", "image/png", "127.0.0.1")])
+        q.save([QuarantineItem(png, f"req/{i}", 0, TARGET, SOURCE, 0.9, "a.png", "image/png", "127.0.0.1", "v1")])
     records = sorted(tmp_path.glob("*.json"))
     assert len(records) == 3 and len(list(tmp_path.glob("*.png"))) == 3
     kept = [json.loads(p.read_text()) for p in records]

@@ -11,9 +11,10 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from bna_gateway.service.runtime import Runtime
+from bna_gateway.service.errors import Unavailable
+from bna_gateway.service.runtime import Runtime, State
 
-_bearer = HTTPBearer(auto_error=False, description="required only when BNA_API_KEY is set")
+_bearer = HTTPBearer(auto_error=False, description="required on /classify and /v1/model when BNA_API_KEY is set")
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -26,11 +27,8 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 async def require_ready(runtime: RuntimeDep) -> Runtime:
     """503 (with Retry-After) until the bundle is loaded and warmed, and again while draining."""
     if not runtime.ready:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            detail=f"not ready ({runtime.state.value})",
-            headers={"Retry-After": "1"},
-        )
+        reason = "draining" if runtime.state is State.DRAINING else "not_ready"
+        raise Unavailable(reason, f"not ready ({runtime.state.value})")
     return runtime
 
 
