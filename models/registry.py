@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any, Callable
 
 from torch import nn
@@ -18,8 +19,25 @@ ARCHITECTURES: dict[str, ModelFactory] = {
 }
 
 
+log = logging.getLogger(__name__)
+# before 0.2 this project installed its architectures as the top-level package ``models``; a bundle or
+# model directory that names them by that import path still loads (docs/bundle.md#compatibility)
+LEGACY_PREFIX = "models.architectures"
+
+
 class ArchitectureError(ValueError):
     """The architecture name or import path cannot be resolved."""
+
+
+def _import(module_name: str, arch: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        if module_name == LEGACY_PREFIX or module_name.startswith(LEGACY_PREFIX + "."):
+            log.warning("architecture %r names this project's modules by their old import path; loading "
+                        "bna_gateway.%s instead (rebuild the bundle to record the new path)", arch, module_name)
+            return importlib.import_module(f"bna_gateway.{module_name}")
+        raise ArchitectureError(f"cannot import module {module_name!r} for architecture {arch!r}: {exc}") from exc
 
 
 def resolve_factory(arch: str) -> ModelFactory:
@@ -32,11 +50,7 @@ def resolve_factory(arch: str) -> ModelFactory:
             f"unknown architecture {arch!r}: use one of {known}, or an import path 'package.module:factory'"
         )
     module_name, _, attr = arch.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ArchitectureError(f"cannot import module {module_name!r} for architecture {arch!r}: {exc}") from exc
-    factory = module
+    factory = _import(module_name, arch)
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:
