@@ -6,8 +6,8 @@ room left is split across batches), makes one *predict* call for it (never on th
 hands each job its slice of the result back on the event loop.
 
 When to dispatch: as soon as the batch is full; otherwise the thread waits for more images only while
-some request is already on its way in (body being read or images decoded, see
-:meth:`MicroBatcher.incoming`), and never longer than ``max_wait_s`` after the oldest queued job
+some request is already on its way in (its body is in and its images are being decoded, see
+:meth:`MicroBatcher.incoming`; a slow upload does not hold batches back), and never longer than ``max_wait_s`` after the oldest queued job
 arrived. A lone request therefore goes straight to the model, requests arriving together share a
 batch, and because the thread takes what is queued the moment it is free, the event loop keeps
 reading and decoding the next requests while the model runs (the two overlap instead of taking turns).
@@ -109,7 +109,7 @@ class MicroBatcher:
     # -- producer side (event loop) --------------------------------------------------------------
     @contextmanager
     def incoming(self) -> Iterator[None]:
-        """Mark a request as on its way (reading/decoding) so that a forming batch waits for it."""
+        """Mark a request as on its way (decoding) so that a forming batch waits for it."""
         with self._cond:
             self._incoming += 1
         try:

@@ -11,6 +11,11 @@ protocol (uvicorn's ``H11Protocol`` with two additions, given to ``uvicorn.Confi
 - **connection cap**: beyond ``max_connections`` open connections a new one is answered with a JSON 503
   and ``Retry-After`` as soon as its request arrives, and closed
   (``bna_requests_refused_total{reason="connection_limit"}``); ``bna_open_connections`` is the gauge.
+- **lingering close**: a connection closed while the client is still sending its body (an answer given
+  before the body was read: 401, 413, 408, 503) is half-closed (FIN after the answer), and what the
+  client still sends is read and thrown away for at most ``LINGER_SECONDS`` / ``LINGER_BYTES`` before the
+  socket is closed. Closing at once would reset the connection (unread data makes the kernel send RST)
+  and the client could lose the answer; reading the whole body would let a client hold the server.
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from bna_gateway.service.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
+
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -68,9 +76,11 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._admitted = False
+        self._lingering: _LingeringTransport | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._lingering = _LingeringTransport(transport, self)
+        super().connection_made(self._lingering)  # type: ignore[arg-type]
         self._admitted = self.guard.admit()
         if not self._admitted:
             self.connections.discard(self)  # not served: graceful shutdown need not wait for it
@@ -79,6 +89,9 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._admitted:
             self._refuse()
+            return
+        if self._lingering is not None and self._lingering.lingering:
+            self._lingering.discard(len(data))
             return
         super().data_received(data)
         if self.conn.their_state is h11.IDLE:  # between requests, or a head still incomplete
@@ -118,6 +131,40 @@ class GuardedH11Protocol(H11Protocol):
         if not self.transport.is_closing():
             self.transport.write(self.guard.refusal())
             self.transport.close()
+
+
+class _LingeringTransport:
+    """The connection's transport as uvicorn sees it: ``close()`` lingers while the client is still
+    sending a body nobody will read (see the module); everything else is the real transport's."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.lingering = False
+        self._discarded = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        t = self._transport
+        if self.lingering or t.is_closing():
+            return
+        if self._protocol.conn.their_state is h11.SEND_BODY and t.can_write_eof():
+            self.lingering = True
+            t.write_eof()  # the answer, then FIN: the client reads it and sees the end
+            t.resume_reading()
+            self._protocol.loop.call_later(LINGER_SECONDS, t.close)
+            return
+        t.close()
+
+    def discard(self, n: int) -> None:
+        self._discarded += n
+        if self._discarded > LINGER_BYTES:
+            self._transport.close()
 
 
 def guarded_protocol(guard: ConnectionGuard) -> type[GuardedH11Protocol]:

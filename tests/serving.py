@@ -1,10 +1,11 @@
-"""Start the real gateway (``bna serve``) as a subprocess on a free loopback port, for tests and benchmarks.
+"""Start the real gateway (``bna serve``) as a subprocess on a free loopback port, and talk to it.
 
 ``serve_command`` is the argv the tests run; the deployment test compares it with the Dockerfile's
 entrypoint, so both start the gateway the same way.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -100,3 +101,68 @@ def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
     """One sample's value (0 when absent)."""
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def server_rss_mib(pid: int) -> float:
+    """Resident memory of a process (Linux /proc), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def multipart_body(images: list[bytes], boundary: str = "bnatestboundary") -> tuple[bytes, str]:
+    """A ``multipart/form-data`` body with one ``file`` part per image, and its content type."""
+    body = b"".join(
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.png\"\r\n"
+        "Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n"
+        for i, data in enumerate(images)
+    )
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def request_head(method: str, path: str, port: int, headers: Mapping[str, str] | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def read_response(reader: "asyncio.StreamReader") -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response (Content-Length framed, as the gateway sends): status, headers, body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(lines[0].split()[1]), headers, body
+
+
+class KeepAliveClient:
+    """One keep-alive connection that sends whole requests and reads whole responses (asyncio streams):
+    light enough that a test can run hundreds of them beside the server on two cores."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        all_headers = {**(headers or {}), **({"Content-Length": str(len(body))} if body or method == "POST" else {})}
+        self.writer.write(request_head(method, path, self.port, all_headers) + body)
+        await self.writer.drain()
+        status, response_headers, data = await read_response(self.reader)
+        if response_headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, response_headers, data
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+        self.reader = self.writer = None

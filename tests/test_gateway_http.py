@@ -312,6 +312,13 @@ def test_bad_input_gets_its_4xx_and_the_server_keeps_serving(
     assert ok.json()["predictions"][0]["trigger_detected"] is True
 
 
+def test_the_pixel_limit_in_a_refusal_is_the_configured_one(client: httpx.Client) -> None:
+    for send in (_raw(_BOMB, "image/png"), _files(("file", _JUST_OVER, "image/png"))):
+        r = send(client, None)  # type: ignore[arg-type]
+        assert r.status_code == 413
+        assert f"the limit is {MAX_PIXELS}" in r.json()["detail"], r.json()
+
+
 def test_no_server_errors_were_answered(gateway: Gateway) -> None:
     samples = scrape(gateway.url)
     answered = {dict(labels)["status"]: v for (name, labels), v in samples.items() if name == "bna_requests_total"}

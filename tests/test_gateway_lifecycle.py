@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import shutil
 import signal
 import subprocess
@@ -92,3 +93,15 @@ def test_more_than_one_worker_is_refused(bundle: SyntheticBundle) -> None:
     result = _serve_fails(bundle.path, "--workers", "2")
     assert result.returncode != 0
     assert "one worker process per device" in result.stderr
+
+
+def test_a_bundle_naming_an_unknown_architecture_is_a_plain_error(bundle: SyntheticBundle, tmp_path: Path) -> None:
+    broken = tmp_path / "unknown-arch"
+    shutil.copytree(bundle.path, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["model"]["arch"] = "no_such_architecture"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    result = _serve_fails(broken)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "bna serve: error:" in result.stderr and "no_such_architecture" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -4,9 +4,10 @@
 
 ``UnreadBodyMiddleware``: when an answer starts before the request body has been read to its end (a
 refusal: 401, 413, 415, 503 ...), it reads and throws away at most ``DRAIN_BYTES`` more for at most
-``DRAIN_SECONDS``, so that a client which sends its whole body before reading still sees the answer; if
-the body is still not over, the answer says ``Connection: close`` and the connection is closed after it,
-instead of the server reading (say) the rest of a 1 GiB upload to keep the connection alive.
+``DRAIN_SECONDS`` (a small body that is already in costs nothing and keeps the connection alive); if the
+body is still not over, the answer says ``Connection: close`` and the connection is closed after it
+(with a bounded lingering close, see ``service.connections``) instead of the server reading, say, the
+rest of a 1 GiB upload to keep the connection alive.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bna_gateway.service.metrics import GatewayMetrics
 
 OTHER = "other"
-DRAIN_BYTES = 1024 * 1024
-DRAIN_SECONDS = 1.0
+DRAIN_BYTES = 64 * 1024
+DRAIN_SECONDS = 0.25
 
 
 class RequestMetricsMiddleware:

@@ -126,10 +126,10 @@ async def classify(request: Request, _auth: Authorized, runtime: ReadyRuntime) -
     assert served is not None
     request_id = request_id_of(request)
     Admission.check_room(batcher)  # before reading a byte of the body
-    with batcher.incoming():
-        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-        admission = Admission(batcher, settings.request_timeout_s)
-        policy = DecodePolicy(settings.max_images_per_request, settings.max_image_pixels, settings.inline_decode_max_pixels)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    admission = Admission(batcher, settings.request_timeout_s)
+    policy = DecodePolicy(settings.max_images_per_request, settings.max_image_pixels, settings.inline_decode_max_pixels)
+    with batcher.incoming():  # a forming batch may wait for these images (not for a slow upload)
         parts, images = await decode_request(served.decoder, policy, request.headers.get("content-type"), body)
         job = admission.admit(images, served.predictor)
     outcome = await admission.outcome(job)
