@@ -6,10 +6,13 @@
 #                   (PyPI's Linux torch wheel is the CUDA build; a specific CUDA version comes from
 #                   https://download.pytorch.org/whl/cuXXX)
 #
-# The container serves the bundle mounted at /bundle: `bna serve /bundle --host 0.0.0.0 --port 8000`,
-# the same command the end-to-end tests start. docker-compose.yml also runs the offline job from this
-# image: `bna-bundle-job demo|mitigate` (docker/bundle-job.sh) builds a bundle and installs it in /bundle.
-# /bundle, /work and /quarantine belong to the non-root user, so fresh named volumes mounted there do too.
+# The container serves the bundle that /bundle/current names: `bna serve /bundle/current --host 0.0.0.0
+# --port 8000`, the same command the end-to-end tests start; it watches that link and rolls a new bundle
+# out without downtime. docker-compose.yml and deploy/k8s/ also run the offline job from this image:
+# `bna-bundle-job demo|mitigate` (docker/bundle-job.sh) builds a bundle, installs it under
+# /bundle/releases/ and re-points /bundle/current. /bundle, /work and /quarantine belong to the non-root
+# user, so fresh named volumes mounted there do too. The image also runs with a read-only root file
+# system (Kubernetes: readOnlyRootFilesystem) given a writable /tmp.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -56,4 +59,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
 ENTRYPOINT ["bna", "serve"]
-CMD ["/bundle", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["/bundle/current", "--host", "0.0.0.0", "--port", "8000"]

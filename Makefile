@@ -8,7 +8,7 @@ DEMO_DIR ?= artifacts/demo
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: env prometheus test test-fast demo demo-build serve bench clean
+.PHONY: env prometheus nginx test test-fast demo demo-build serve bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,10 +44,25 @@ prometheus: env
 	  done; \
 	fi
 
-test: env prometheus
+# nginx, from Debian's `nginx` package, for tests/test_deploy_scaleout.py: `nginx -t` on the compose load
+# balancer's config, and that config in front of a real gateway. Same best effort as above: the binary
+# is unpacked into the venv; failing that, the tests that need it are skipped with a reason.
+nginx: env
+	@if ! command -v nginx >/dev/null 2>&1 && ! test -x $(BIN)/nginx; then \
+	  tmp=$$(mktemp -d); \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq >/dev/null 2>&1; fi; \
+	  (cd $$tmp && apt-get download -qq nginx >/dev/null 2>&1) \
+	    && dpkg-deb -x $$tmp/nginx_*.deb $$tmp/root \
+	    && cp $$tmp/root/usr/sbin/nginx $(BIN)/nginx; \
+	  rm -rf $$tmp; \
+	  test -x $(BIN)/nginx && $(BIN)/nginx -v >/dev/null 2>&1 \
+	    || { rm -f $(BIN)/nginx; echo "nginx unavailable: the tests that need it are skipped"; }; \
+	fi
+
+test: env prometheus nginx
 	$(BIN)/python -m pytest -q
 
-test-fast: env prometheus
+test-fast: env prometheus nginx
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo-build: env

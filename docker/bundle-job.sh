@@ -1,21 +1,30 @@
 #!/bin/sh
-# The compose one-shots `demo` and `mitigate`: build a bundle in the work volume ($BNA_WORK_DIR), then
-# install it into the bundle volume the gateway serves ($BNA_BUNDLE_DIR).
+# The one-shot bundle jobs (compose services `demo` and `mitigate`, the Kubernetes Job in deploy/k8s/):
+# build a bundle in the work folder ($BNA_WORK_DIR), then roll it out in the bundle folder the gateways
+# serve ($BNA_BUNDLE_DIR) without stopping them:
+#
+#   $BNA_BUNDLE_DIR/releases/<UTC time>-<pid>/   one complete bundle per install
+#   $BNA_BUNDLE_DIR/current -> releases/<...>    what the gateways serve (`bna serve /bundle/current`)
 #
 #   bna-bundle-job demo [bna demo options]
-#       Only when $BNA_BUNDLE_DIR holds no bundle yet: `bna demo --out $BNA_WORK_DIR/demo` builds the
-#       embedded default (BadNet-poisoned resnet18 on mnist5k, detection, twins; several minutes on
-#       CPU, reusing what an earlier run there built) and its bundle is installed.
+#       Only when $BNA_BUNDLE_DIR/current names no bundle yet: `bna demo --out $BNA_WORK_DIR/demo`
+#       builds the embedded default (BadNet-poisoned resnet18 on mnist5k, detection, twins; several
+#       minutes on CPU, reusing what an earlier run there built) and its bundle is installed.
 #   bna-bundle-job mitigate [bna mitigate options, without --out]
 #       `bna mitigate ... --out $BNA_WORK_DIR/mitigate/bundle` (the detection lands beside it, in
-#       bundle_detection/), then the bundle replaces whatever the bundle volume held.
+#       bundle_detection/), then that bundle becomes current.
 #
-# Installing removes manifest.json first and copies it last, so a half-written bundle never looks
-# complete. A running gateway keeps the bundle it loaded: restart it to serve the new one.
+# Installing copies the bundle into a hidden folder, renames it into releases/ (atomic), and re-points
+# `current` with `ln -sfn` + `mv -T` (rename(2): atomic), so a gateway never sees half a bundle. Every
+# gateway watches the link and rolls the new bundle out itself (verify, load and warm beside the old
+# one, then swap between batches); a bundle that fails to verify is refused and the old one keeps
+# serving. The newest $BNA_KEEP_RELEASES releases (default 3) are kept, for a roll-back:
+#   ln -sfn releases/<older> /bundle/current.tmp && mv -T /bundle/current.tmp /bundle/current
 set -eu
 
 BUNDLE_DIR="${BNA_BUNDLE_DIR:-/bundle}"
 WORK_DIR="${BNA_WORK_DIR:-/work}"
+KEEP="${BNA_KEEP_RELEASES:-3}"
 
 install_bundle() {
     src="$1"
@@ -23,21 +32,26 @@ install_bundle() {
         echo "bna-bundle-job: no bundle was written to $src" >&2
         exit 1
     fi
-    rm -f "$BUNDLE_DIR/manifest.json"
-    find "$BUNDLE_DIR" -mindepth 1 -maxdepth 1 -exec rm -rf {} +
-    for path in "$src"/*; do
-        [ "$(basename "$path")" = manifest.json ] || cp -R "$path" "$BUNDLE_DIR"/
+    name="$(date -u +%Y%m%dT%H%M%SZ)-$$"
+    mkdir -p "$BUNDLE_DIR/releases"
+    rm -rf "$BUNDLE_DIR/releases/.incoming-$name"
+    cp -R "$src" "$BUNDLE_DIR/releases/.incoming-$name"
+    mv "$BUNDLE_DIR/releases/.incoming-$name" "$BUNDLE_DIR/releases/$name"
+    ln -sfn "releases/$name" "$BUNDLE_DIR/.current.tmp"
+    mv -T "$BUNDLE_DIR/.current.tmp" "$BUNDLE_DIR/current"
+    echo "bna-bundle-job: bundle from $src installed as $BUNDLE_DIR/releases/$name, now current"
+    # Older releases beyond the newest $KEEP go (names sort by time); the current one always stays.
+    ls -1 "$BUNDLE_DIR/releases" | sort -r | tail -n +"$((KEEP + 1))" | while read -r old; do
+        [ "$old" = "$name" ] || rm -rf "${BUNDLE_DIR:?}/releases/$old"
     done
-    cp "$src/manifest.json" "$BUNDLE_DIR/manifest.json"
-    echo "bna-bundle-job: bundle from $src installed in $BUNDLE_DIR"
 }
 
 job="${1:-}"
 [ "$#" -gt 0 ] && shift
 case "$job" in
     demo)
-        if [ -f "$BUNDLE_DIR/manifest.json" ]; then
-            echo "bna-bundle-job: $BUNDLE_DIR already holds a bundle; not building the demo"
+        if [ -f "$BUNDLE_DIR/current/manifest.json" ]; then
+            echo "bna-bundle-job: $BUNDLE_DIR/current already names a bundle; not building the demo"
             exit 0
         fi
         bna demo --out "$WORK_DIR/demo" "$@"

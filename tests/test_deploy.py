@@ -7,10 +7,12 @@ the end-to-end tests start, and with what a real gateway exports on ``/metrics``
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -41,6 +43,7 @@ PROMETHEUS_DIR = ROOT / "docker" / "prometheus"
 GRAFANA_PROVISIONING = ROOT / "docker" / "grafana" / "provisioning"
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "bna-gateway.json"
 BUNDLE_VOLUME = "bundle"
+BUNDLE_MOUNT = "/bundle"  # the volume; the gateway serves the bundle its `current` link names
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +102,13 @@ def test_image_runs_bna_serve_on_the_bundle_mount(runtime):
     command = image_command(runtime)
     assert command[:2] == ["bna", "serve"]
     args = build_parser().parse_args(command[1:])
-    assert (args.command, args.bundle, args.host) == ("serve", "/bundle", "0.0.0.0")
-    assert any("mkdir" in a and "/bundle" in a and "chown" in a for a in runtime.all("RUN")), "the user owns /bundle"
+    assert (args.command, str(args.bundle), args.host) == ("serve", f"{BUNDLE_MOUNT}/current", "0.0.0.0")
+    assert any("mkdir" in a and BUNDLE_MOUNT in a and "chown" in a for a in runtime.all("RUN")), "the user owns /bundle"
 
 
 def test_image_command_is_what_the_end_to_end_tests_start(runtime):
     image = image_command(runtime)
-    e2e = serve_command("/bundle", int(option(image, "--port")))
+    e2e = serve_command(image[2], int(option(image, "--port")))
     assert Path(e2e[0]).name == image[0] == "bna"
     # Same program, sub-command, bundle and flags; only the listening address differs (loopback in tests).
     assert e2e[1:] == [a if a != "0.0.0.0" else "127.0.0.1" for a in image[1:]]
@@ -128,7 +131,7 @@ def test_dockerignore_keeps_heavy_things_out_but_not_the_sources(stages):
 
 def test_compose_defines_every_service_and_volume(compose):
     services = compose["services"]
-    assert set(services) == {"demo", "gateway", "mitigate", "prometheus", "grafana"}
+    assert set(services) == {"demo", "gateway", "lb", "mitigate", "prometheus", "grafana"}
     assert services["mitigate"].get("profiles") == ["mitigate"], "mitigate is a one-shot under its own profile"
     assert all("profiles" not in services[s] for s in services if s != "mitigate"), "`docker compose up` runs the rest"
     ours = [services[s] for s in ("demo", "gateway", "mitigate")]
@@ -148,11 +151,13 @@ def test_compose_defines_every_service_and_volume(compose):
 
 def test_compose_gateway_agrees_with_the_dockerfile(compose, runtime):
     gateway = compose["services"]["gateway"]
-    assert container_ports(gateway) == [exposed_port(runtime)]
+    assert "ports" not in gateway, "replicas share no host port: the load balancer is the one address"
+    assert [str(p) for p in gateway["expose"]] == [exposed_port(runtime)]
     assert "entrypoint" not in gateway and gateway["command"] == exec_form(runtime.last("CMD"))
     test = gateway["healthcheck"]["test"]
     assert test[0] == "CMD" and test[1:] == healthcheck_command(runtime)
-    assert volume_mounts(gateway)[gateway["command"][0]] == (BUNDLE_VOLUME, True), "bundle mounted read-only"
+    assert Path(gateway["command"][0]).parent == Path(BUNDLE_MOUNT)
+    assert volume_mounts(gateway)[BUNDLE_MOUNT] == (BUNDLE_VOLUME, True), "bundle mounted read-only"
 
 
 def test_compose_passes_only_real_gateway_settings(compose):
@@ -200,15 +205,15 @@ def test_compose_mitigate_writes_the_bundle_the_gateway_serves(compose, runtime)
 
 
 FAKE_BNA = """#!/bin/sh
-# stands in for `bna demo` / `bna mitigate`: writes a two-file bundle to the --out directory
+# stands in for `bna demo` / `bna mitigate`: writes a two-file bundle (tagged with $TAG) to the --out directory
 echo "$@" >> "$CALLS"
 while [ "$#" -gt 0 ]; do [ "$1" = --out ] && out="$2"; shift; done
 case "$out" in */demo) out="$out/bundle" ;; esac
-mkdir -p "$out" && echo new > "$out/weights.safetensors" && echo '{}' > "$out/manifest.json"
+mkdir -p "$out" && echo "$TAG" > "$out/weights.safetensors" && echo '{}' > "$out/manifest.json"
 """
 
 
-def test_bundle_job_installs_demo_only_when_empty_and_mitigate_always(tmp_path, runtime, compose):
+def test_bundle_job_installs_releases_and_repoints_current(tmp_path, runtime, compose):
     script = job_script(runtime, compose["services"]["demo"]["entrypoint"])
     bin_dir, bundle, work = tmp_path / "bin", tmp_path / "bundle", tmp_path / "work"
     for d in (bin_dir, bundle, work):
@@ -216,19 +221,29 @@ def test_bundle_job_installs_demo_only_when_empty_and_mitigate_always(tmp_path, 
     (bin_dir / "bna").write_text(FAKE_BNA)
     (bin_dir / "bna").chmod(0o755)
     calls = tmp_path / "calls"
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "BNA_BUNDLE_DIR": str(bundle), "BNA_WORK_DIR": str(work), "CALLS": str(calls)}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "BNA_BUNDLE_DIR": str(bundle), "BNA_WORK_DIR": str(work),
+           "CALLS": str(calls), "BNA_KEEP_RELEASES": "2"}
 
-    def job(*args: str) -> None:
-        subprocess.run(["sh", str(script), *args], env=env, check=True, capture_output=True, timeout=30)
+    def job(*args: str, tag: str = "") -> None:
+        subprocess.run(["sh", str(script), *args], env={**env, "TAG": tag}, check=True, capture_output=True, timeout=30)
 
-    job("demo")
-    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "weights.safetensors"]
-    job("demo")  # a bundle is there: nothing is rebuilt
-    assert calls.read_text().splitlines() == [f"demo --out {work}/demo"]
-    (bundle / "twin_3.safetensors").write_text("stale")
-    job("mitigate", "--model", "/m", "--clean", "/c")
+    def served() -> str:
+        current = bundle / "current"
+        assert current.is_symlink() and not Path(os.readlink(current)).is_absolute(), "a relative link: any mount point"
+        return (current / "weights.safetensors").read_text().strip()
+
+    job("demo", tag="demo")
+    assert served() == "demo" and sorted(p.name for p in (bundle / "current").iterdir()) == ["manifest.json", "weights.safetensors"]
+    job("demo", tag="demo again")  # a current bundle is there: nothing is rebuilt
+    assert calls.read_text().splitlines() == [f"demo --out {work}/demo"] and served() == "demo"
+    for k in (1, 2, 3):
+        time.sleep(1.1)  # release names are UTC seconds
+        job("mitigate", "--model", "/m", "--clean", "/c", tag=f"mitigated {k}")
+        assert served() == f"mitigated {k}"
     assert calls.read_text().splitlines()[-1] == f"mitigate --model /m --clean /c --out {work}/mitigate/bundle"
-    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "weights.safetensors"], "old files go"
+    releases = sorted(p.name for p in (bundle / "releases").iterdir())
+    assert len(releases) == 2 and os.readlink(bundle / "current") == f"releases/{releases[-1]}", "the newest two stay"
+    assert sorted(p.name for p in bundle.iterdir()) == ["current", "releases"], "no temporary left behind"
     failed = subprocess.run(["sh", str(script), "train"], env=env, capture_output=True, timeout=30)
     assert failed.returncode == 2
 
@@ -242,20 +257,6 @@ def test_gpu_override_reserves_nvidia_gpus_and_builds_cuda_torch(compose):
         assert "/whl/cpu" not in service["build"]["args"]["TORCH_INDEX_URL"], name
         assert service["image"] != compose["services"][name]["image"], "CPU and CUDA images get different tags"
     assert "cuda" in str(gpu["services"]["gateway"]["environment"]["BNA_DEVICE"])
-
-
-def test_prometheus_scrapes_the_gateway_service(compose):
-    services = compose["services"]
-    config = load_yaml(PROMETHEUS_DIR / "prometheus.yml")
-    job = {j["job_name"]: j for j in config["scrape_configs"]}["bna-gateway"]
-    assert job.get("metrics_path", "/metrics") == "/metrics"
-    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
-    assert targets == [f"gateway:{container_ports(services['gateway'])[0]}"]
-    assert all((PROMETHEUS_DIR / f).is_file() for f in config["rule_files"])
-    prometheus = services["prometheus"]
-    config_flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
-    config_dir = str(Path(config_flag.split("=", 1)[1]).parent)
-    assert volume_mounts(prometheus)[config_dir] == ("./docker/prometheus", True)
 
 
 def dashboard_exprs() -> list[str]:
