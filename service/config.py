@@ -26,8 +26,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BNA_", extra="ignore", validate_default=True)
 
     bundle: Path | None = Field(None, description="bundle directory (the CLI's BUNDLE argument)")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="listening address (0.0.0.0 in the container)")
+    port: int = Field(8000, ge=1, le=65535, description="listening port")
     workers: int = Field(
         1,
         description=(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +141,20 @@ def test_admission_settings_have_sane_defaults_and_refuse_nonsense(monkeypatch: 
     for bad in ({"request_timeout_s": 0}, {"header_timeout_s": -1}, {"max_connections": 0}):
         with pytest.raises(ValueError):
             Settings(**bad)
+
+
+def test_every_setting_and_metric_is_documented() -> None:
+    """docs/http.md lists every setting (as its BNA_ variable) and every bna_ metric the gateway exports."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from bna_gateway.service.metrics import GatewayMetrics
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "http.md").read_text()
+    documented = set(re.findall(r"`(BNA_[A-Z_]+)`", doc))
+    settings = {f"BNA_{name.upper()}" for name in Settings.model_fields}
+    assert settings <= documented, sorted(settings - documented)
+    metrics = GatewayMetrics(max_batch_size=8)
+    body, _ = metrics.exposition()
+    exported = {f.name for f in text_string_to_metric_families(body.decode()) if f.name.startswith("bna_")}
+    names = {n.removesuffix("_total") for n in re.findall(r"\| `(bna_\w+)` \|", doc)}
+    assert exported == names, (sorted(exported - names), sorted(names - exported))
