@@ -1,14 +1,22 @@
-"""Small readers for the deployment files, for tests/test_deploy.py: a Dockerfile, compose volume and
-port entries, the metric and label names in a PromQL expression, and the Prometheus text exposition.
+"""Small readers for the deployment files, for tests/test_deploy*.py: a Dockerfile, compose volume and
+port entries, the metric and label names in a PromQL expression, the Prometheus text exposition, and
+where the checking tools are.
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+
+def find_tool(name: str) -> str | None:
+    """A command on PATH, or in the venv's bin folder (where `make test` unpacks promtool and nginx)."""
+    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
 
 
 def load_yaml(path: Path) -> dict:

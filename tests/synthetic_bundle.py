@@ -155,3 +155,16 @@ def build_synthetic_bundle(out_dir: Path, n_samples: int = 8, seed: int = 0) -> 
         clean=[png_bytes(clean_u8[i, 0]) for i in idx],
         triggered=[png_bytes(trig_u8[i, 0]) for i in idx],
     )
+
+
+def bundle_fixture(n_samples: int):  # type: ignore[no-untyped-def]
+    """A module-scoped pytest fixture named by its assignment (``bundle = bundle_fixture(4)``) that builds
+    the synthetic bundle once per test module."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> SyntheticBundle:
+        torch.set_num_threads(1)
+        return build_synthetic_bundle(tmp_path_factory.mktemp("bundle"), n_samples=n_samples)
+
+    return fixture

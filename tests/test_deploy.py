@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from deploy_parsing import (
     container_ports,
     copy_sources,
     exec_form,
+    find_tool,
     healthcheck_command,
     image_command,
     load_yaml,
@@ -309,7 +308,7 @@ def test_promql_reference_extraction():
 
 
 def promtool(*args: str) -> None:
-    found = shutil.which("promtool") or shutil.which("promtool", path=str(Path(sys.executable).parent))
+    found = find_tool("promtool")
     if not found:
         pytest.skip("promtool is not installed (Debian package `prometheus`; `make test` fetches it)")
     result = subprocess.run([found, *args], capture_output=True, text=True, timeout=60)

@@ -3,26 +3,19 @@ Kubernetes version (kubernetes-validate --strict), kustomize renders the folder,
 with each other, with the image and with the gateway's settings."""
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from deploy_parsing import exec_form, load_yaml, parse_dockerfile
+from deploy_parsing import exec_form, find_tool, load_yaml, parse_dockerfile
 from bna_gateway.mitigation.cli import build_parser
 from bna_gateway.service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.31.0"  # the oldest minor still in upstream support when this was written
-BIN = Path(sys.executable).parent
-
-
-def tool(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path=str(BIN))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,7 @@ def test_the_kustomization_lists_every_manifest_in_the_folder(kustomization: dic
 
 
 def test_every_manifest_is_valid_for_a_named_kubernetes_version(kustomization: dict) -> None:
-    validate = tool("kubernetes-validate")
+    validate = find_tool("kubernetes-validate")
     assert validate, "kubernetes-validate is a test dependency (pip install -e .[test])"
     files = [str(K8S / name) for name in kustomization["resources"]]
     result = subprocess.run(
@@ -69,7 +62,7 @@ def test_every_manifest_is_valid_for_a_named_kubernetes_version(kustomization: d
 
 
 def test_kustomize_renders_the_folder() -> None:
-    kubectl = tool("kubectl")
+    kubectl = find_tool("kubectl")
     if not kubectl:
         pytest.skip("kubectl (with its built-in kustomize) is not installed")
     result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=120)

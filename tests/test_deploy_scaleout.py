@@ -4,31 +4,23 @@ and Prometheus finding every replica by DNS service discovery."""
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
-import torch
 
-from deploy_parsing import container_ports, load_yaml, volume_mounts
+from deploy_parsing import container_ports, find_tool, load_yaml, volume_mounts
 from serving import Gateway, free_port, running_gateway
-from synthetic_bundle import SyntheticBundle, build_synthetic_bundle
+from synthetic_bundle import SyntheticBundle, bundle_fixture
 from bna_gateway.service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX_CONF = ROOT / "docker" / "nginx" / "nginx.conf"
 COMPOSE_FILES = [ROOT / "docker-compose.yml", ROOT / "docker-compose.gpu.yml"]
-BIN = Path(sys.executable).parent
-
-
-def tool(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path=str(BIN))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +34,7 @@ def nginx_conf() -> str:
 
 
 def test_compose_files_follow_the_compose_specification() -> None:
-    checker = tool("check-jsonschema")
+    checker = find_tool("check-jsonschema")
     assert checker, "check-jsonschema is a test dependency (pip install -e .[test])"
     result = subprocess.run(
         [checker, "--builtin-schema", "vendor.compose-spec", *map(str, COMPOSE_FILES)],
@@ -94,7 +86,7 @@ def test_prometheus_discovers_every_replica_by_dns(compose: dict) -> None:
 
 
 def nginx_binary() -> str:
-    found = tool("nginx")
+    found = find_tool("nginx")
     if not found:
         pytest.skip("nginx is not installed (Debian package `nginx`; `make test` unpacks its binary into the venv)")
     return found
@@ -111,10 +103,7 @@ def test_nginx_accepts_the_load_balancer_config(tmp_path: Path) -> None:
 # -- nginx with this config in front of a real gateway ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> SyntheticBundle:
-    torch.set_num_threads(1)
-    return build_synthetic_bundle(tmp_path_factory.mktemp("bundle"), n_samples=2)
+bundle = bundle_fixture(2)
 
 
 @pytest.fixture(scope="module")

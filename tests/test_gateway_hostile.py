@@ -10,11 +10,10 @@ from typing import Iterator
 
 import httpx
 import pytest
-import torch
 from PIL import Image
 
 from serving import Gateway, KeepAliveClient, multipart_body, request_head, running_gateway, sample, scrape
-from synthetic_bundle import SyntheticBundle, build_synthetic_bundle
+from synthetic_bundle import SyntheticBundle, bundle_fixture
 
 API_KEY = "hostile-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -25,10 +24,7 @@ MAX_CONNECTIONS = 160
 MAX_BODY = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> SyntheticBundle:
-    torch.set_num_threads(1)
-    return build_synthetic_bundle(tmp_path_factory.mktemp("bundle"), n_samples=4)
+bundle = bundle_fixture(4)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from serving import Gateway, running_gateway, sample, scrape
-from synthetic_bundle import CLASS_NAMES, SOURCE, TARGET, SyntheticBundle, build_synthetic_bundle
+from synthetic_bundle import CLASS_NAMES, SOURCE, TARGET, SyntheticBundle, bundle_fixture
 
 API_KEY = "test-secret-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -29,10 +29,7 @@ MAX_IMAGES = 16
 QUARANTINE_MAX = 4
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> SyntheticBundle:
-    torch.set_num_threads(1)
-    return build_synthetic_bundle(tmp_path_factory.mktemp("bundle"), n_samples=8)
+bundle = bundle_fixture(8)
 
 
 @pytest.fixture(scope="module")

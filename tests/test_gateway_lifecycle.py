@@ -11,17 +11,12 @@ import uuid
 from pathlib import Path
 
 import httpx
-import pytest
-import torch
 
 from serving import REPO, Gateway, serve_command
-from synthetic_bundle import SOURCE, TARGET, SyntheticBundle, build_synthetic_bundle
+from synthetic_bundle import SOURCE, TARGET, SyntheticBundle, bundle_fixture
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> SyntheticBundle:
-    torch.set_num_threads(1)
-    return build_synthetic_bundle(tmp_path_factory.mktemp("bundle"), n_samples=2)
+bundle = bundle_fixture(2)
 
 
 def _multipart(image: bytes, boundary: str) -> bytes:

@@ -7,20 +7,16 @@ import time
 from typing import Iterator
 
 import pytest
-import torch
 
 from serving import Gateway, multipart_body, read_response, request_head, running_gateway, sample, scrape, server_rss_mib
-from synthetic_bundle import SyntheticBundle, build_synthetic_bundle
+from synthetic_bundle import SyntheticBundle, bundle_fixture
 
 QUEUE_BOUND = 32
 DEADLINE_S = 2.0
 BURST = 1000
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> SyntheticBundle:
-    torch.set_num_threads(1)
-    return build_synthetic_bundle(tmp_path_factory.mktemp("bundle"), n_samples=4)
+bundle = bundle_fixture(4)
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,9 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-import torch
 
 from serving import Gateway, free_port, running_gateway
-from synthetic_bundle import SOURCE, TARGET, SyntheticBundle, build_synthetic_bundle
+from synthetic_bundle import SOURCE, TARGET, SyntheticBundle, bundle_fixture
 
 _IN_VENV = Path(sys.executable).with_name("prometheus")  # where 'make prometheus' unpacks it
 PROMETHEUS = shutil.which("prometheus") or (str(_IN_VENV) if _IN_VENV.is_file() else None)
@@ -23,10 +22,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> SyntheticBundle:
-    torch.set_num_threads(1)
-    return build_synthetic_bundle(tmp_path_factory.mktemp("bundle"), n_samples=4)
+bundle = bundle_fixture(4)
 
 
 @pytest.fixture(scope="module")

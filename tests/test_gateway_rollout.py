@@ -14,19 +14,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from serving import KeepAliveClient, multipart_body, running_gateway, sample, scrape
-from synthetic_bundle import SyntheticBundle, build_synthetic_bundle
+from synthetic_bundle import SyntheticBundle, bundle_fixture
 
 CONCURRENCY = 32
 SWAPS = 5
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> SyntheticBundle:
-    torch.set_num_threads(1)
-    return build_synthetic_bundle(tmp_path_factory.mktemp("bundle"), n_samples=4)
+bundle = bundle_fixture(4)
 
 
 def release(source: Path, releases: Path, version: str) -> Path:
