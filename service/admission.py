@@ -53,12 +53,13 @@ class Admission:
     async def outcome(self, job: Job) -> BatchOutcome:
         """The job's outcome, or ``deadline`` (the job is withdrawn) when it is not there in time."""
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), self.remaining())
-        except asyncio.TimeoutError:
-            raise self._late() from None
+            await asyncio.wait((job.future,), timeout=self.remaining())  # leaves the future alone on timeout
         finally:
-            if not job.future.done():
+            if not job.future.done():  # late, or this request was cancelled: its images leave the queue
                 self.batcher.withdraw(job)
+        if job.future.cancelled():
+            raise self._late()
+        return job.future.result()
 
     def _late(self) -> Unavailable:
         return Unavailable("deadline", f"not classified within the deadline of {self.timeout_s:g} s; the gateway is busy")

@@ -7,10 +7,11 @@ every way a client can get this wrong is a :class:`~bna_gateway.service.errors.C
 from __future__ import annotations
 
 import asyncio
+import sys
 from dataclasses import dataclass
+from functools import lru_cache
 
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from bna_gateway.service.errors import (
@@ -56,6 +57,9 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
         if length > max_bytes:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {max_bytes} bytes")
     try:
+        if sys.version_info >= (3, 11):  # a timer on this task; wait_for would start another task
+            async with asyncio.timeout(timeout_s):
+                return await _read(request, max_bytes)
         return await asyncio.wait_for(_read(request, max_bytes), timeout_s)
     except asyncio.TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
@@ -80,7 +84,7 @@ def split_payload(content_type: str | None, body: bytes, max_images: int) -> lis
     if mime == b"multipart/form-data":
         if not body:
             raise EmptyBody("request body is empty")
-        return _MultipartSplitter(params, max_images).split(body)
+        return _split_multipart(params, body, max_images)
     if mime.startswith(b"image/"):
         if not body:
             raise EmptyBody("request body is empty")
@@ -92,75 +96,76 @@ def split_payload(content_type: str | None, body: bytes, max_images: int) -> lis
     )
 
 
-class _MultipartSplitter:
-    """Collects the parts of a ``multipart/form-data`` body in memory (the body is already bounded)."""
+def _split_multipart(params: dict[bytes, bytes], body: bytes, max_images: int) -> list[ImagePart]:
+    """The parts of a ``multipart/form-data`` body (RFC 7578), cut out with ``bytes.find`` (the body is in
+    memory and bounded; a byte-by-byte parser would cost the event loop more than decoding some images)."""
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise MalformedRequest("multipart/form-data without a boundary parameter")
+    delimiter = b"--" + boundary
+    pos = 0 if body.startswith(delimiter) else body.find(b"\r\n" + delimiter) + 2  # a preamble may come first
+    if pos == 1:
+        raise MalformedRequest(f"malformed multipart body: no '--{boundary.decode('latin-1')}' delimiter")
+    parts: list[ImagePart] = []
+    while True:
+        pos += len(delimiter)
+        if body.startswith(b"--", pos):  # the closing delimiter; an epilogue after it is ignored
+            break
+        line_end = body.find(b"\r\n", pos)
+        if line_end == -1 or body[pos:line_end].strip(b" \t"):
+            raise MalformedRequest("malformed multipart body: a delimiter is not followed by a line break")
+        end = body.find(b"\r\n" + delimiter, line_end)
+        if end == -1:
+            raise MalformedRequest("malformed multipart body: a part is not closed by a delimiter")
+        head_end = body.find(b"\r\n\r\n", line_end)  # == line_end for a part without headers
+        if head_end == -1 or head_end + 4 > end:
+            raise MalformedRequest("malformed multipart body: a part's headers do not end with an empty line")
+        if len(parts) >= max_images:
+            raise PayloadTooLarge(f"more than {max_images} images in one request")
+        headers = _part_headers(body[line_end + 2 : head_end])
+        parts.append(_image_part(headers, body[head_end + 4 : end], len(parts)))
+        pos = end + 2
+    if not parts:
+        raise MalformedRequest(f"multipart body has no '{FIELD}' part: send each image as a '{FIELD}' field")
+    return parts
 
-    def __init__(self, params: dict[bytes, bytes], max_images: int) -> None:
-        boundary = params.get(b"boundary")
-        if not boundary:
-            raise MalformedRequest("multipart/form-data without a boundary parameter")
-        self.boundary = boundary
-        self.max_images = max_images
-        self.parts: list[ImagePart] = []
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._name = b""
-        self._value = b""
-        self._data = bytearray()
 
-    def split(self, body: bytes) -> list[ImagePart]:
-        callbacks = {
-            "on_part_begin": self._on_part_begin,
-            "on_part_data": self._on_part_data,
-            "on_part_end": self._on_part_end,
-            "on_header_field": self._on_header_field,
-            "on_header_value": self._on_header_value,
-            "on_header_end": self._on_header_end,
-        }
-        try:
-            parser = MultipartParser(self.boundary, callbacks)  # type: ignore[arg-type]
-            parser.write(body)
-            parser.finalize()
-        except FormParserError as exc:
-            raise MalformedRequest(f"malformed multipart body: {exc}") from None
-        if not self.parts:
-            raise MalformedRequest(f"multipart body has no '{FIELD}' part: send each image as a '{FIELD}' field")
-        return self.parts
+def _part_headers(block: bytes) -> dict[bytes, bytes]:
+    headers = {}
+    for line in block.split(b"\r\n") if block else ():
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise MalformedRequest(f"malformed multipart body: header line {line[:80]!r} has no ':'")
+        headers[name.strip().lower()] = value.strip()
+    return headers
 
-    def _on_part_begin(self) -> None:
-        self._headers = []
-        self._data = bytearray()
 
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._name += data[start:end]
+@lru_cache(maxsize=4096)
+def _disposition(value: bytes) -> tuple[bytes | None, bytes | None]:
+    """``name`` and ``filename`` of a Content-Disposition header (cached: clients repeat theirs)."""
+    _, params = parse_options_header(value)
+    return params.get(b"name"), params.get(b"filename")
 
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._value += data[start:end]
 
-    def _on_header_end(self) -> None:
-        self._headers.append((self._name.strip().lower(), self._value.strip()))
-        self._name, self._value = b"", b""
+@lru_cache(maxsize=256)
+def _mime(value: bytes) -> bytes:
+    return parse_options_header(value)[0]
 
-    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        self._data += data[start:end]
 
-    def _on_part_end(self) -> None:
-        headers = dict(self._headers)
-        _, disposition = parse_options_header(headers.get(b"content-disposition"))
-        name = disposition.get(b"name")
-        if name is None:
-            raise MalformedRequest("a multipart part has no Content-Disposition name")
-        field = name.decode("utf-8", "replace")
-        if field != FIELD:
-            raise MalformedRequest(f"unexpected form field {field!r}: send each image as a '{FIELD}' field")
-        if len(self.parts) >= self.max_images:
-            raise PayloadTooLarge(f"more than {self.max_images} images in one request")
-        part_type, _ = parse_options_header(headers.get(b"content-type"))
-        filename = disposition.get(b"filename")
-        shown = filename.decode("utf-8", "replace") if filename is not None else None
-        if not (part_type.startswith(b"image/") or part_type in _ACCEPTED_PART_TYPES):
-            where = f"part {len(self.parts)}" + (f" ({shown!r})" if shown else "")
-            raise UnsupportedMediaType(
-                f"{where} has content type {part_type.decode('latin-1')!r}; images must be image/* "
-                "(or application/octet-stream)"
-            )
-        self.parts.append(ImagePart(bytes(self._data), shown, part_type.decode("latin-1") or None))
+def _image_part(headers: dict[bytes, bytes], data: bytes, index: int) -> ImagePart:
+    """One part, checked: named ``file``, an image content type (or none, or octet-stream)."""
+    name, filename = _disposition(headers.get(b"content-disposition", b""))
+    if name is None:
+        raise MalformedRequest("a multipart part has no Content-Disposition name")
+    field = name.decode("utf-8", "replace")
+    if field != FIELD:
+        raise MalformedRequest(f"unexpected form field {field!r}: send each image as a '{FIELD}' field")
+    part_type = _mime(headers.get(b"content-type", b""))
+    shown = filename.decode("utf-8", "replace") if filename is not None else None
+    if not (part_type.startswith(b"image/") or part_type in _ACCEPTED_PART_TYPES):
+        where = f"part {index}" + (f" ({shown!r})" if shown else "")
+        raise UnsupportedMediaType(
+            f"{where} has content type {part_type.decode('latin-1')!r}; images must be image/* "
+            "(or application/octet-stream)"
+        )
+    return ImagePart(data, shown, part_type.decode("latin-1") or None)
