@@ -45,8 +45,18 @@ def request_pixels(parts: list[ImagePart], max_pixels: int) -> int | None:
 
 
 def decode_parts(decoder: ImageDecoder, parts: list[ImagePart]) -> torch.Tensor:
-    """The parts decoded into one ``uint8`` batch ``[N, C, H, W]``."""
-    return decoder.decode_many([(p.data, p.describe(i)) for i, p in enumerate(parts)])
+    """The parts decoded into one ``uint8`` batch ``[N, C, H, W]``.
+
+    An image too large for the decoder here is one whose header Pillow itself refused (its own bomb
+    guard, at twice the limit), so the answer names the configured limit rather than Pillow's."""
+    images = []
+    for i, part in enumerate(parts):
+        what = part.describe(i)
+        try:
+            images.append(decoder(part.data, what))
+        except ImageTooLarge:
+            raise ImageTooLarge(f"{what} declares more pixels than the limit of {decoder.max_pixels}") from None
+    return torch.stack(images)
 
 
 def _split_and_decode(
