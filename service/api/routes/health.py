@@ -20,7 +20,9 @@ async def healthz(runtime: RuntimeDep) -> JSONResponse:
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     if not runtime.ready:
         return JSONResponse(
-            {"detail": f"not ready ({runtime.state.value})"}, status_code=503, headers={"Retry-After": "1"}
+            {"detail": f"not ready ({runtime.state.value})"},
+            status_code=503,
+            headers={"Retry-After": str(runtime.settings.retry_after_s)},
         )
     return JSONResponse({"status": "ready"})
 
