@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import subprocess
 import time
 from dataclasses import asdict
@@ -87,6 +88,8 @@ def main() -> None:
         doc["detectors"] += dets
         details["settings"].append(info)
         details["wall_seconds"] = round(time.perf_counter() - start, 1)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        details["cpu_seconds"] = round(time.process_time() + children.ru_utime + children.ru_stime, 1)
         details["host"]["load_average_end"] = os.getloadavg()
         details["checks"] = faithfulness_checks(doc)
         write_outputs(doc, details, args.out)
@@ -135,6 +138,7 @@ def run_setting(attack: str, per_class: int, defences: list[str], detectors: lis
     bundle = load_bundle(bundle_built.path, device)
     ev = evaluate_bundle(bundle, spec, test)  # the product's evaluation (bna evaluate), the serving routing rule
     info["defences"]["bna"] = {**ev.mitigated.as_dict(), "der": ev.der, "seconds": bundle_built.seconds,
+                               "cpu_seconds": bundle_built.cpu_seconds,
                                "evaluate_seconds": round(time.perf_counter() - t0, 1),
                                "detected_targets": ev.detected_targets}
     rows.append(_row(attack, per_class, "bna", ev.mitigated, ev.der))
@@ -144,12 +148,13 @@ def run_setting(attack: str, per_class: int, defences: list[str], detectors: lis
     triggers = [t.module() for _, t in sorted(read_detection(detection_dir(bundle_built.path)).triggers.items())]
     for name in defences:
         torch.manual_seed(args.seed)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         repaired = _defend(name, clf, clean.x.to(device), clean.y.to(device), triggers, args.seed, not args.quiet)
         m = metrics(repaired.model.eval())
         seconds = round(time.perf_counter() - t0, 1)
         d = der(vanilla, m)
-        info["defences"][name] = {**m.as_dict(), "der": d, "seconds": seconds, **repaired.info}
+        info["defences"][name] = {**m.as_dict(), "der": d, "seconds": seconds,
+                                  "cpu_seconds": round(time.process_time() - c0, 1), **repaired.info}
         rows.append(_row(attack, per_class, name, m, d))
         print(f"{'':11s} {name:7s} ACC {m.acc:.3f} ASR {m.asr:.3f} DER {d:.3f} ({seconds:.0f} s)", flush=True)
 
@@ -194,7 +199,7 @@ def _ours(attack: str, bundle: LoadedBundle, ev: Evaluation, x: torch.Tensor, y:
 
 def _detector(name: str, attack: str, clf: nn.Module, cx: torch.Tensor, cy: torch.Tensor, x: torch.Tensor,
               y: torch.Tensor, x_trig: torch.Tensor, targets: list[int], seed: int, info: dict[str, Any]) -> dict:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     det = {"strip": lambda: Strip(seed=seed), "ibd_psc": IbdPsc, "scale_up": ScaleUp}[name]()
     cal: Calibrated = calibrate(det, clf, cx, cy)
     s_clean, s_trig = det.score(x), det.score(x_trig)
@@ -204,7 +209,8 @@ def _detector(name: str, attack: str, clf: nn.Module, cx: torch.Tensor, cy: torc
     extra: dict[str, Any] = {"tpr": tpr, "fpr": fpr, "fpr_all_clean": float(flag_clean.float().mean()),
                              "threshold": cal.threshold, "defender_clean_flag_rate": cal.clean_flag_rate,
                              "score_clean_mean": float(s_clean.mean()), "score_triggered_mean": float(s_trig.mean()),
-                             "seconds": round(time.perf_counter() - t0, 1)}
+                             "seconds": round(time.perf_counter() - t0, 1),
+                             "cpu_seconds": round(time.process_time() - c0, 1)}
     if name == "ibd_psc":
         extra["start_layer"] = det.start
         extra["at_paper_T"] = {"T": PAPER_T, "tpr": float((s_trig >= PAPER_T).float().mean()),
@@ -221,7 +227,8 @@ def _row(attack: str, per_class: int, defence: str, m: AttackMetrics, d: float |
 
 
 def _artifact(b: Built) -> dict[str, Any]:
-    return {"path": str(b.path), "built_here": b.built, "seconds": b.seconds and round(b.seconds, 1)}
+    return {"path": str(b.path), "built_here": b.built, "seconds": b.seconds and round(b.seconds, 1),
+            "cpu_seconds": b.cpu_seconds and round(b.cpu_seconds, 1)}
 
 
 # ---------------------------------------------------------------- checks, provenance, outputs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import subprocess
 import sys
 import time
@@ -31,7 +32,18 @@ TARGET = 9
 class Built:
     path: Path
     built: bool  # made by this run (False: reused)
-    seconds: float | None  # wall time when built here
+    seconds: float | None = None  # wall time when built here
+    cpu_seconds: float | None = None  # CPU time of the command (all its threads)
+
+
+def _run(cmd: list[str]) -> tuple[float, float]:
+    """Run a command; its wall time and CPU time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.perf_counter() - start, cpu
 
 
 def _bna() -> str:
@@ -45,13 +57,12 @@ def bundle_name(run: str, per_class: int) -> str:
 def ensure_model(models: Path, run: str, seed: int) -> Built:
     out = models / run
     if (out / "metrics.json").is_file():
-        return Built(out, False, None)
+        return Built(out, False)
     kind, mode, _, _ = RUNS[run]
     log.info("training %s (bna train) ...", out)
-    start = time.perf_counter()
-    subprocess.run([_bna(), "train", "--dataset", "mnist5k", "--arch", "resnet18", "--attack", kind, "--mode", mode,
-                    "--target", str(TARGET), "--seed", str(seed), "--out", str(out), "--quiet"], check=True)
-    return Built(out, True, time.perf_counter() - start)
+    wall, cpu = _run([_bna(), "train", "--dataset", "mnist5k", "--arch", "resnet18", "--attack", kind, "--mode", mode,
+                      "--target", str(TARGET), "--seed", str(seed), "--out", str(out), "--quiet"])
+    return Built(out, True, wall, cpu)
 
 
 def detection_dir(bundle: Path) -> Path:
@@ -64,16 +75,15 @@ def ensure_bundle(models: Path, run: str, per_class: int, seed: int, rebuild: bo
     if not rebuild and (detection_dir(bundle) / "detection.json").is_file():
         try:
             verify_bundle(bundle)
-            return Built(bundle, False, None)
+            return Built(bundle, False)
         except BundleError:
             pass
     _, _, family, threshold = RUNS[run]
     log.info("building %s (bna mitigate) ...", bundle)
-    start = time.perf_counter()
-    subprocess.run([_bna(), "mitigate", "--model", str(models / run), "--clean-per-class", str(per_class),
-                    "--trigger-type", family, "--threshold", str(threshold), "--seed", str(seed), "--out", str(bundle),
-                    "--quiet"], check=True)
-    return Built(bundle, True, time.perf_counter() - start)
+    wall, cpu = _run([_bna(), "mitigate", "--model", str(models / run), "--clean-per-class", str(per_class),
+                      "--trigger-type", family, "--threshold", str(threshold), "--seed", str(seed), "--out", str(bundle),
+                      "--quiet"])
+    return Built(bundle, True, wall, cpu)
 
 
 def bundle_created(bundle: Path) -> str | None:
