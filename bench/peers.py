@@ -64,12 +64,13 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     ap.add_argument("--rebuild", action="store_true", help="re-run 'bna mitigate' even where a bundle exists")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a plumbing check: 2 epochs, 5 ANP iterations, 2 STRIP copies (figures meaningless)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     attacks = _pick(args.attacks, ATTACKS, "attack")
     sizes = [int(s) for s in args.clean_sizes.split(",") if s]
-    settings = [(a, 50) for a in attacks if 50 in sizes]
-    settings += [(a, 10) for a in attacks if a in SMALL_CLEAN and 10 in sizes]
+    settings = [(a, pc) for a in attacks for pc in (50, 10) if pc in sizes and (pc == 50 or a in SMALL_CLEAN)]
     defences = _pick(args.defences, MODEL_DEFENCES, "defence")
     detectors = _pick(args.detectors, DETECTORS, "detector")
     device = resolve_device(args.device)
@@ -79,6 +80,8 @@ def main() -> None:
                                "false_alarm_budget": FALSE_ALARM_BUDGET, "command": _command(args),
                                "hyper_parameters": _hyper_parameters(args.seed)}
     complete = len(settings) == len(ATTACKS) + len(SMALL_CLEAN)
+    if args.smoke:
+        details["smoke"] = True
     if not complete or len(defences) < len(MODEL_DEFENCES) or len(detectors) < len(DETECTORS):
         details["partial"] = (f"settings {[f'{a}@{pc}' for a, pc in settings]}, defences {defences}, "
                               f"detectors {detectors}")
@@ -102,7 +105,7 @@ def _pick(arg: str, known: tuple[str, ...], what: str) -> list[str]:
     unknown = sorted(set(picked) - set(known))
     if unknown:
         raise SystemExit(f"unknown {what}(s) {unknown}: use {', '.join(known)}")
-    return [a for a in known if a in picked]
+    return list(dict.fromkeys(picked))  # the order given is the order run (outputs are written after each)
 
 
 # ---------------------------------------------------------------- one setting
@@ -149,7 +152,8 @@ def run_setting(attack: str, per_class: int, defences: list[str], detectors: lis
     for name in defences:
         torch.manual_seed(args.seed)
         t0, c0 = time.perf_counter(), time.process_time()
-        repaired = _defend(name, clf, clean.x.to(device), clean.y.to(device), triggers, args.seed, not args.quiet)
+        repaired = _defend(name, clf, clean.x.to(device), clean.y.to(device), triggers, args.seed, not args.quiet,
+                           args.smoke)
         m = metrics(repaired.model.eval())
         seconds = round(time.perf_counter() - t0, 1)
         d = der(vanilla, m)
@@ -162,14 +166,14 @@ def run_setting(attack: str, per_class: int, defences: list[str], detectors: lis
     if detectors:
         dets.append(_ours(attack, bundle, ev, test.x, test.y, x_trig, targets, info))
         for name in detectors:
-            dets.append(_detector(name, attack, clf, clean.x, clean.y, test.x, test.y, x_trig, targets, args.seed,
+            dets.append(_detector(name, attack, clf, clean.x, clean.y, test.x, test.y, x_trig, targets, args,
                                   info))
     return rows, dets, info
 
 
 def _defend(name: str, clf: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: list[nn.Module], seed: int,
-            progress: bool) -> Repaired:
-    cfg = FinetuneConfig(seed=seed, progress=progress)
+            progress: bool, smoke: bool = False) -> Repaired:
+    cfg = FinetuneConfig(seed=seed, progress=progress, epochs=2 if smoke else FinetuneConfig.epochs)
     if name == "ft":
         return ft.defend(clf, x, y, cfg)
     if name == "fp":
@@ -177,7 +181,8 @@ def _defend(name: str, clf: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger
     if name == "nc":
         return nc.defend(clf, x, y, [t.to(x.device) for t in triggers], cfg)
     if name == "anp":
-        return anp.defend(clf, x, y, anp.ANPConfig(seed=seed, progress=progress))
+        return anp.defend(clf, x, y, anp.ANPConfig(seed=seed, progress=progress,
+                                                   nb_iter=5 if smoke else anp.ANPConfig.nb_iter))
     if name == "ft_sam":
         return ft_sam.defend(clf, x, y, cfg)
     raise ValueError(name)
@@ -198,9 +203,11 @@ def _ours(attack: str, bundle: LoadedBundle, ev: Evaluation, x: torch.Tensor, y:
 
 
 def _detector(name: str, attack: str, clf: nn.Module, cx: torch.Tensor, cy: torch.Tensor, x: torch.Tensor,
-              y: torch.Tensor, x_trig: torch.Tensor, targets: list[int], seed: int, info: dict[str, Any]) -> dict:
+              y: torch.Tensor, x_trig: torch.Tensor, targets: list[int], args: argparse.Namespace,
+              info: dict[str, Any]) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
-    det = {"strip": lambda: Strip(seed=seed), "ibd_psc": IbdPsc, "scale_up": ScaleUp}[name]()
+    strip = Strip(seed=args.seed, n_overlays=2 if args.smoke else Strip.n_overlays)
+    det = {"strip": lambda: strip, "ibd_psc": IbdPsc, "scale_up": ScaleUp}[name]()
     cal: Calibrated = calibrate(det, clf, cx, cy)
     s_clean, s_trig = det.score(x), det.score(x_trig)
     of_targets = torch.isin(y, torch.tensor(targets))

@@ -46,8 +46,9 @@ def _run(cmd: list[str]) -> tuple[float, float]:
     return time.perf_counter() - start, cpu
 
 
-def _bna() -> str:
-    return str(Path(sys.executable).parent / "bna")
+def _bna() -> list[str]:
+    """The ``bna`` command line of this interpreter (``python -m bna_gateway``: no console script needed)."""
+    return [sys.executable, "-m", "bna_gateway"]
 
 
 def bundle_name(run: str, per_class: int) -> str:
@@ -60,7 +61,7 @@ def ensure_model(models: Path, run: str, seed: int) -> Built:
         return Built(out, False)
     kind, mode, _, _ = RUNS[run]
     log.info("training %s (bna train) ...", out)
-    wall, cpu = _run([_bna(), "train", "--dataset", "mnist5k", "--arch", "resnet18", "--attack", kind, "--mode", mode,
+    wall, cpu = _run([*_bna(), "train", "--dataset", "mnist5k", "--arch", "resnet18", "--attack", kind, "--mode", mode,
                       "--target", str(TARGET), "--seed", str(seed), "--out", str(out), "--quiet"])
     return Built(out, True, wall, cpu)
 
@@ -80,9 +81,9 @@ def ensure_bundle(models: Path, run: str, per_class: int, seed: int, rebuild: bo
             pass
     _, _, family, threshold = RUNS[run]
     log.info("building %s (bna mitigate) ...", bundle)
-    wall, cpu = _run([_bna(), "mitigate", "--model", str(models / run), "--clean-per-class", str(per_class),
-                      "--trigger-type", family, "--threshold", str(threshold), "--seed", str(seed), "--out", str(bundle),
-                      "--quiet"])
+    wall, cpu = _run([*_bna(), "mitigate", "--model", str(models / run), "--clean-per-class", str(per_class),
+                      "--trigger-type", family, "--threshold", str(threshold), "--seed", str(seed),
+                      "--out", str(bundle), "--quiet"])
     return Built(bundle, True, wall, cpu)
 
 

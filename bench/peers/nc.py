@@ -46,6 +46,7 @@ def defend(model: nn.Module, clean_x: torch.Tensor, clean_y: torch.Tensor, trigg
     """A copy of ``model`` unlearned on ``triggers`` (one estimated trigger per flagged target)."""
     if not triggers:
         return Repaired(clone(model).eval(), {"unlearned": False, "triggers": 0})
-    x, y = unlearning_set(clean_x, clean_y, [t.cpu() for t in triggers], ucfg.unlearning_ratio, cfg.seed)
+    stamps = [t.to(clean_x.device) for t in triggers]
+    x, y = unlearning_set(clean_x, clean_y, stamps, ucfg.unlearning_ratio, cfg.seed)
     out = finetune(clone(model), x, y, cfg, desc="nc")
     return Repaired(out, {"unlearned": True, "triggers": len(triggers), "images": len(y), **tuning_info(cfg, len(y))})

@@ -53,6 +53,9 @@ def markdown(doc: dict[str, Any], details: dict[str, Any]) -> str:
            f"Commit {doc.get('commit')}; {details.get('host', {}).get('summary', '')}; "
            f"{details.get('wall_seconds', 0) / 60:.1f} min wall; mnist5k, ResNet-18 width 16, target 9, seed "
            f"{details.get('seed', 0)}. Fractions in [0, 1].", ""]
+    if details.get("smoke"):
+        out += ["**Smoke run** (`--smoke`: 2 epochs, 5 ANP iterations, 2 STRIP copies): a plumbing check, "
+                "not a measurement.", ""]
     if details.get("partial"):
         out += [f"**Partial run**: {details['partial']}", ""]
 
@@ -117,7 +120,7 @@ def plot_der(doc: dict[str, Any], path: Path) -> Path:
     defences = [d for d in DEFENCE_ORDER if d != "vanilla" and any(r["defence"] == d for r in rows)]
     by = {(r["attack"], r["clean_per_class"], r["defence"]): r["der"] for r in rows}
     width = 0.8 / max(1, len(defences))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(settings) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(settings) + 2), 4.6))
     for i, d in enumerate(defences):
         xs = [j + (i - (len(defences) - 1) / 2) * width for j in range(len(settings))]
         ys = [by.get((a, pc, d)) or 0.0 for a, pc in settings]
@@ -128,7 +131,7 @@ def plot_der(doc: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("DER")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"DER per attack and defence (0.5: no change), commit {doc.get('commit')}", fontsize=9)
-    ax.legend(fontsize=7, ncol=min(6, len(defences)), loc="lower center")
+    ax.legend(fontsize=7, ncol=min(6, len(defences)), loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
