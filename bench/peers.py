@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     ap.add_argument("--rebuild", action="store_true", help="re-run 'bna mitigate' even where a bundle exists")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--commit", default=None, help="the commit to record (default: git's HEAD, '+dirty' if changed)")
     ap.add_argument("--smoke", action="store_true",
                     help="a plumbing check: 2 epochs, 5 ANP iterations, 2 STRIP copies (figures meaningless)")
     args = ap.parse_args()
@@ -75,7 +76,7 @@ def main() -> None:
     detectors = _pick(args.detectors, DETECTORS, "detector")
     device = resolve_device(args.device)
     start = time.perf_counter()
-    doc: dict[str, Any] = {"commit": _commit(), "rows": [], "detectors": []}
+    doc: dict[str, Any] = {"commit": args.commit or _commit(), "rows": [], "detectors": []}
     details: dict[str, Any] = {"commit": doc["commit"], "seed": args.seed, "host": _host(), "settings": [],
                                "false_alarm_budget": FALSE_ALARM_BUDGET, "command": _command(args),
                                "hyper_parameters": _hyper_parameters(args.seed)}
