@@ -139,15 +139,16 @@ def test_planted_all_to_one_backdoor_gives_its_target_and_every_source(run_plant
     assert flagged == {(s, 9) for s in range(9)}
     assert all(p.score > 7 for p in res.pairs if p.flagged)
     assert len(res.pairs) == 90 and not res.eliminated
-    # all pairs in one call; then one re-estimate: the 9 sources jointly and the smallest pair alone
-    assert fake.calls == [("perturbation", 90), ("perturbation", 2)]
+    # one universal trigger per target, all pairs in one call; then one re-estimate: the 9 sources jointly
+    # and the smallest pair alone
+    assert fake.calls == [("perturbation", 10), ("perturbation", 90), ("perturbation", 2)]
 
 
 def test_clean_model_flags_nothing_and_skips_re_estimation(run_planted) -> None:  # noqa: ANN001
     res, fake = run_planted({"perturbation": _jitter(all_pairs(10), 1.0, 1)})
     assert res.detected_targets == [] and not any(p.flagged for p in res.pairs)
     assert max(p.score for p in res.pairs) < 7
-    assert fake.calls == [("perturbation", 90)]
+    assert fake.calls == [("perturbation", 10), ("perturbation", 90)]
 
 
 def test_threshold_is_configurable(run_planted) -> None:  # noqa: ANN001
@@ -240,10 +241,49 @@ def test_a_target_anomalous_in_both_families_is_estimated_in_both(run_planted) -
     trig = res.triggers[9]
     assert res.detected_targets == [9] and trig.family == "patch" and set(trig.alternatives) == {"perturbation"}
     assert set(trig.alternatives["perturbation"]) == {"delta"}
-    # the other family's estimate runs on its own, after the target's own batch (joint + smallest alone)
-    assert fake.calls == [("patch", 90), ("perturbation", 90), ("patch", 2), ("perturbation", 1)]
+    # target scans, pair scans, then one re-estimate per family: the target's own (joint + smallest alone)
+    # and its estimate in the other family
+    assert fake.calls == [("patch", 10), ("perturbation", 10), ("patch", 90), ("perturbation", 90), ("patch", 2),
+                          ("perturbation", 1)]
     assert len(trig.variants()) == 1 + 3  # the stamped patch, and the perturbation at three strengths
     assert res.as_dict()["triggers"]["9"]["also"] == ["perturbation"]
+
+
+def test_many_sources_agreeing_on_one_target_is_evidence_though_no_pair_is_flagged(run_planted) -> None:
+    """The outside CNN's all-to-one patch: each pair into the target only moderately small (pair scores
+    under the threshold), but every source agrees, and one trigger works for all of them."""
+    sizes = _jitter(all_pairs(10), 1.0, 11)
+    for s in range(1, 10):
+        sizes[(s, 0)] = 0.55 + 0.02 * s  # about half the typical size: each pair alone scores 3-5
+    joint = {(tuple(range(1, 10)), 0): 0.7}  # one trigger for all nine sources, about as small
+    res, _ = run_planted({"perturbation": sizes}, joint)
+    into0 = [p for p in res.pairs if p.target == 0]
+    assert max(p.score for p in into0) < 7 and not any(p.flagged for p in res.pairs)
+    evidence = res.target_evidence["perturbation"]
+    assert evidence.score[0] > res.target_threshold > max(z for t, z in enumerate(evidence.score) if t != 0)
+    assert res.detected_targets == [0] and res.sources == {0: list(range(1, 10))}
+    assert res.as_dict()["targets"]["perturbation"]["score"][0] == pytest.approx(evidence.score[0])
+
+
+def test_a_naturally_easy_target_needs_a_different_trigger_per_source_and_is_dropped(run_planted) -> None:
+    sizes = _jitter(all_pairs(10), 1.0, 12)
+    for s in range(1, 10):
+        sizes[(s, 0)] = 0.55 + 0.02 * s  # the same column as above...
+    joint = {(tuple(range(1, 10)), 0): 3.0}  # ...but no one trigger serves all sources: 5x the smallest pair
+    res, _ = run_planted({"perturbation": sizes}, joint)
+    assert res.target_evidence["perturbation"].score[0] > res.target_threshold
+    assert res.detected_targets == []
+    assert {e.target for e in res.eliminated} == {0}
+
+
+def test_failed_optimisations_do_not_hide_a_target(run_planted) -> None:
+    """Three sources whose optimisation into the target never succeeded (size inf) still leave the
+    column's median to the six that did."""
+    sizes = _jitter(all_pairs(10), 1.0, 13)
+    for s in range(1, 10):
+        sizes[(s, 0)] = float("inf") if s in (2, 5, 7) else 0.5
+    res, _ = run_planted({"perturbation": sizes}, {(tuple(range(1, 10)), 0): 0.6})
+    assert 0 in res.detected_targets and res.target_evidence["perturbation"].score[0] > res.target_threshold
 
 
 # ---------------------------------------------------------------- the real optimiser on a tiny model
@@ -368,7 +408,7 @@ def test_a_flagged_pairs_trigger_tightens_every_pair_it_also_works_on(tiny: tm.T
     tensors["mask"][donor], tensors["pattern"][donor] = tiny.trigger.mask, tiny.trigger.pattern
     scan = PairScan(pairs, ReverseResult(PATCH, size.clone(), torch.ones(len(pairs)), tensors))
     with tm.one_thread():
-        scans, moved = transfer_triggers(Suspect(tiny.classifier, x, y, tm.NUM_CLASSES), {"patch": scan},
+        scans, moved = transfer_triggers(Suspect(tiny.classifier, x, y, tm.NUM_CLASSES), {"patch": scan}, {},
                                          DetectionConfig())
     others = [c for c in range(tm.NUM_CLASSES) if c not in (0, tm.TARGET)]
     assert [(m.source, m.target, m.donor) for m in moved] == [(c, tm.TARGET, (0, tm.TARGET)) for c in others]

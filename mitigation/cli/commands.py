@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bna_gateway.mitigation.bna.config import BNAConfig
-from bna_gateway.mitigation.detection.config import DetectionConfig, ReverseConfig
+from bna_gateway.mitigation.detection.config import DetectionConfig
 from bna_gateway.mitigation.jobs.options import RunOptions
 from bna_gateway.mitigation.modeldir import ByoModel, ModelSource
 
@@ -60,11 +60,11 @@ def model_source(args: argparse.Namespace) -> ModelSource:
 
 
 def detection_config(args: argparse.Namespace) -> DetectionConfig:
-    pair = ReverseConfig(seed=args.seed, progress=not args.quiet)
+    cfg = DetectionConfig(trigger_type=args.trigger_type, threshold=args.threshold, statistic=args.statistic,
+                          target_threshold=args.target_threshold).with_seed(args.seed, not args.quiet)
     if args.detect_steps:
-        pair = replace(pair, steps=args.detect_steps)
-    return DetectionConfig(trigger_type=args.trigger_type, threshold=args.threshold, statistic=args.statistic,
-                           pair=pair)
+        cfg = replace(cfg, pair=replace(cfg.pair, steps=args.detect_steps))
+    return cfg
 
 
 def bna_config(args: argparse.Namespace) -> BNAConfig:

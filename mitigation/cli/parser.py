@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bna_gateway.mitigation.detection.config import DEFAULT_THRESHOLD, STATISTICS, TRIGGER_TYPES
+from bna_gateway.mitigation.detection.config import DEFAULT_TARGET_THRESHOLD, DEFAULT_THRESHOLD, STATISTICS, TRIGGER_TYPES
 
 
 def _number(kind: type, test: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
@@ -56,7 +56,10 @@ def _add_detection(p: argparse.ArgumentParser, steps_flag: str) -> None:
                         "perturbation (additive: blends, sinusoids, noise), warp (smooth image warps: WaNet); "
                         "both = patch and perturbation; all = the three (default)")
     p.add_argument("--threshold", type=POSITIVE_FLOAT, default=DEFAULT_THRESHOLD,
-                   help=f"MAD anomaly threshold (default {DEFAULT_THRESHOLD:g})")
+                   help=f"MAD anomaly threshold of a pair (default {DEFAULT_THRESHOLD:g})")
+    p.add_argument("--target-threshold", type=POSITIVE_FLOAT, default=DEFAULT_TARGET_THRESHOLD,
+                   help="MAD anomaly threshold of a target's column of pair scores against the other targets' "
+                        f"(default {DEFAULT_TARGET_THRESHOLD:g})")
     p.add_argument("--statistic", choices=STATISTICS, default="auto",
                    help="pair statistic: plain = 1/size (the paper), source = the source's median size / size "
                         "(an easy source is not flagged towards every class); auto = source from 5 classes up")

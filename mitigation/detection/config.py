@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from bna_gateway.mitigation.triggers import FAMILIES, PATCH, PERTURBATION, TriggerFamily
 
 DEFAULT_THRESHOLD = 7.0  # MAD anomaly threshold (with the 1.4826 consistency constant), the paper's
+DEFAULT_TARGET_THRESHOLD = 5.0  # the same test on the targets' column evidence (docs/method.md#3-scoring)
 TRIGGER_TYPES = (*FAMILIES, "both", "all")
 STATISTICS = ("auto", "source", "plain")
 
@@ -47,6 +48,10 @@ class ReverseConfig:
     # boundary of the images it was fitted on; on a pool of several classes it may succeed on only half of
     # them, and comparing such sizes says little. Empty: off (the pair stage); the per-target re-estimate uses it.
     calibrate_scales: tuple[float, ...] = ()
+    # early stop: a group that has succeeded and whose kept trigger has not shrunk by ``stop_tolerance``
+    # (relative) for ``stop_patience`` steps leaves the batch (0: every group runs every step)
+    stop_patience: int = 0
+    stop_tolerance: float = 0.01
 
     def lr(self, family: TriggerFamily) -> float:
         return float(getattr(self, f"lr_{family.name}"))
@@ -66,6 +71,13 @@ class DetectionConfig:
     # then has enough targets for its median), else "plain"
     statistic: str = "auto"
     pair: ReverseConfig = field(default_factory=ReverseConfig)
+    # the target scan: one universal trigger per target from all its sources (docs/method.md#1a-target-scan)
+    target: ReverseConfig = field(default_factory=lambda: ReverseConfig(steps=150, images_per_group=16))
+    # a target whose column of pair scores has a robust z-score above this against the other targets'
+    # columns is a candidate even when none of its pairs is flagged
+    target_threshold: float = DEFAULT_TARGET_THRESHOLD
+    # such a target is kept only when one trigger works for at least this fraction of its sources
+    universal_sources: float = 0.5
     reestimate_steps: int = 300
     reestimate_images: int = 24
     # all-to-all false-pair test: a joint trigger this much larger than the smallest pair's alone (re-estimated
@@ -99,6 +111,11 @@ class DetectionConfig:
     @property
     def families(self) -> tuple[TriggerFamily, ...]:
         return families_for(self.trigger_type)
+
+    def with_seed(self, seed: int, progress: bool = True) -> "DetectionConfig":
+        """The same settings with every optimiser seeded by ``seed`` (and progress bars on or off)."""
+        return replace(self, pair=replace(self.pair, seed=seed, progress=progress),
+                       target=replace(self.target, seed=seed, progress=progress))
 
     def reestimate(self) -> ReverseConfig:
         """The optimiser's settings for per-target re-estimates: longer, more images, calibrated."""

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bna_gateway.mitigation.detection.records import (AddedSource, DetectionResult, DomainRefit, Elimination,
-                                                      PairRecord, TargetTrigger, Transfer)
+                                                      PairRecord, TargetEvidence, TargetTrigger, Transfer)
 
 DETECTION_JSON = "detection.json"
 TRIGGERS_FILE = "triggers.safetensors"
@@ -70,6 +70,8 @@ def read_detection(path: Path) -> DetectionResult:
         statistic=doc.get("statistic", "plain"),
         transferred=[Transfer.from_dict(m) for m in doc.get("transferred", [])],
         refitted=[DomainRefit.from_dict(r) for r in doc.get("refitted_on_domain", [])],
+        target_evidence={f: TargetEvidence.from_dict(e) for f, e in doc.get("targets", {}).items()},
+        target_threshold=doc.get("target_threshold"),
     )
 
 

@@ -1,16 +1,21 @@
 """``detect_backdoor``: the detection stages, in the one order they run, and why that order.
 
-1. ``scan_pairs``: a trigger for every ordered pair in each family (the expensive, batched stage).
-2. ``transfer_triggers``: tighten each pair's trigger size with the flagged pairs' triggers. Before
-   scoring, because a pair's own optimisation can miss a backdoor that another pair's trigger shows.
-3. ``score_pairs``: statistic + MAD per family; each pair judged in its most anomalous family.
-4. ``estimate_targets``: re-estimate each target's trigger on all its flagged sources; the all-to-all
-   false-pair test. Needs the flagged pairs, so after scoring.
-5. ``expand_sources``: the estimate stamped on every class adds sources and reveals missed targets.
-   Needs a good (joint, solid) estimate, so after stage 4.
-6. ``refit_on_domain``: triggers that move other classes are re-fitted on their whole domain. Needs the
-   fit classes that stage 5 finds.
-7. ``share_patches``: patch targets whose stamps fire each other's sources get their union. Last,
+1. ``scan_targets``: one universal trigger per target and family, from all its sources (K groups).
+   ``scan_pairs``: a trigger for every ordered pair in each family (K(K-1) groups, a shorter budget).
+2. ``transfer_triggers``: tighten each pair's trigger size with any trigger that works there: the
+   universal ones, then the flagged pairs'. Before scoring, because a pair's own optimisation can miss
+   a backdoor that another trigger shows.
+3. ``score_pairs`` and ``score_targets``: MAD per family at the pair level, and each target's column of
+   pair scores against the other targets'. Needs the tightened sizes, so after transfer.
+4. ``select_candidates``: targets with a flagged pair or an anomalous column, in which family, from
+   which sources. Needs both scores.
+5. ``estimate_targets``: re-estimate each candidate's trigger jointly; the all-to-all / universality
+   test. Needs the candidates' sources.
+6. ``expand_sources``: the estimate stamped on every class adds sources and reveals missed targets.
+   Needs a good (joint, solid) estimate, so after stage 5.
+7. ``refit_on_domain``: triggers that move other classes are re-fitted on their whole domain. Needs the
+   fit classes that stage 6 finds.
+8. ``share_patches``: patch targets whose stamps fire each other's sources get their union. Last,
    because it needs every target's final stamp.
 Each stage takes its inputs and returns new values; none edits another's. docs/method.md#detection.
 """
@@ -30,8 +35,10 @@ from bna_gateway.mitigation.detection.stages.domain import refit_on_domain
 from bna_gateway.mitigation.detection.stages.estimate import estimate_targets
 from bna_gateway.mitigation.detection.stages.expand import expand_sources
 from bna_gateway.mitigation.detection.stages.scan import scan_pairs
-from bna_gateway.mitigation.detection.stages.score import score_pairs
+from bna_gateway.mitigation.detection.stages.score import score_pairs, score_targets
+from bna_gateway.mitigation.detection.stages.select import select_candidates
 from bna_gateway.mitigation.detection.stages.share import share_patches
+from bna_gateway.mitigation.detection.stages.targets import scan_targets
 from bna_gateway.mitigation.detection.stages.transfer import transfer_triggers
 from bna_gateway.mitigation.detection.statistic import resolve_statistic
 from bna_gateway.mitigation.detection.suspect import Optimiser, Suspect
@@ -46,21 +53,26 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     cfg = cfg or DetectionConfig()
     suspect = Suspect(model, x, y, num_classes, optimiser)
     start = time.perf_counter()
-    scans, timings = scan_pairs(suspect, cfg)
+    universal, timings = scan_targets(suspect, cfg)
+    scans, pair_timings = scan_pairs(suspect, cfg)
+    timings.update(pair_timings)
     t = time.perf_counter()
-    scans, transferred = transfer_triggers(suspect, scans, cfg)
+    scans, transferred = transfer_triggers(suspect, scans, universal, cfg)
     if cfg.transfer_success is not None:
         timings["transfer"] = time.perf_counter() - t
     records = score_pairs(scans, num_classes, cfg)
+    evidence = score_targets(scans, universal, num_classes, cfg)
     t = time.perf_counter()
-    triggers, eliminated = estimate_targets(suspect, records, cfg)
+    candidates = select_candidates(records, evidence, suspect.present, cfg)
+    triggers, eliminated = estimate_targets(suspect, candidates, cfg)
     triggers, added = expand_sources(suspect, triggers, cfg)
     triggers, refitted = refit_on_domain(suspect, triggers, cfg)
     triggers = share_patches(suspect, triggers, cfg)
     timings["reestimate"] = time.perf_counter() - t
     return DetectionResult(_unflag(records, eliminated), cfg.threshold, cfg.trigger_type, triggers,
                            time.perf_counter() - start, timings, eliminated, added,
-                           resolve_statistic(cfg.statistic, num_classes), transferred, refitted)
+                           resolve_statistic(cfg.statistic, num_classes), transferred, refitted,
+                           evidence, cfg.target_threshold)
 
 
 def _unflag(records: list[PairRecord], eliminated: list[Elimination]) -> list[PairRecord]:

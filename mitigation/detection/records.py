@@ -30,6 +30,30 @@ class FamilyEvidence:
 
 
 @dataclass(frozen=True)
+class TargetEvidence:
+    """One family's evidence per target class (lists indexed by class): the median pair score of its
+    column, that median's robust z-score against the other targets' (``score``), and the universal
+    trigger of the target scan (size, success on the pooled sources)."""
+
+    column: list[float]
+    score: list[float]
+    universal_size: list[float]
+    universal_asr: list[float]
+
+    def flagged_targets(self, threshold: float) -> list[int]:
+        return [t for t, z in enumerate(self.score) if z > threshold]
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {"column": self.column, "score": self.score, "universal_size": self.universal_size,
+                "universal_asr": self.universal_asr}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TargetEvidence":
+        return cls([float(v) for v in d["column"]], [float(v) for v in d["score"]],
+                   [float(v) for v in d.get("universal_size", [])], [float(v) for v in d.get("universal_asr", [])])
+
+
+@dataclass(frozen=True)
 class PairRecord:
     """One ordered pair (source -> target): its evidence in every family, judged in the most anomalous one."""
 
@@ -104,7 +128,8 @@ class TargetTrigger:
 
 @dataclass(frozen=True)
 class Transfer:
-    """Pair (source, target) took the smaller trigger of flagged pair ``donor``, which also works there."""
+    """Pair (source, target) took the smaller trigger of flagged pair ``donor``, which also works there
+    (``donor`` (-1, t): the target scan's universal trigger of t)."""
 
     source: int
     target: int
@@ -196,6 +221,8 @@ class DetectionResult:
     statistic: str = "plain"
     transferred: list[Transfer] = field(default_factory=list)
     refitted: list[DomainRefit] = field(default_factory=list)
+    target_evidence: dict[str, TargetEvidence] = field(default_factory=dict)
+    target_threshold: float | None = None
 
     @property
     def detected_targets(self) -> list[int]:
@@ -217,6 +244,8 @@ class DetectionResult:
             "added_sources": [a.as_dict() for a in self.added_sources],
             "transferred": [m.as_dict() for m in self.transferred],
             "refitted_on_domain": [r.as_dict() for r in self.refitted],
+            "target_threshold": self.target_threshold,
+            "targets": {f: e.as_dict() for f, e in self.target_evidence.items()},
             "statistic": self.statistic,
             "seconds": round(self.seconds, 2),
             "timings": {k: round(v, 2) for k, v in self.timings.items()},

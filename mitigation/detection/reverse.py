@@ -9,6 +9,7 @@ docs/method.md#the-pair-stage.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -37,14 +38,41 @@ class ReverseResult:
         return {k: v[i] for k, v in self.tensors.items()}
 
 
-def group_index(y: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
-    """[G, L] matrix of image indices per group (classes pooled), cycled to a common length L."""
+@dataclass(frozen=True)
+class Pools:
+    """The clean images of each group: ``index`` [G, L] (padded by repeating), ``length`` [G] valid columns."""
+
+    index: torch.Tensor
+    length: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def rows(self, start: int, stop: int) -> "Pools":
+        return Pools(self.index[start:stop], self.length[start:stop])
+
+
+def group_pools(y: torch.Tensor, groups: list[list[int]]) -> Pools:
+    """Each group's pooled image indices (its classes' images, in index order)."""
     pools = [torch.cat([(y == c).nonzero(as_tuple=True)[0] for c in classes]) for classes in groups]
     if any(p.numel() == 0 for p in pools):
         empty = [g for g, p in zip(groups, pools) if p.numel() == 0]
         raise ValueError(f"no clean images for source classes {empty}")
     length = max(p.numel() for p in pools)
-    return torch.stack([p.repeat((length + p.numel() - 1) // p.numel())[:length] for p in pools])
+    index = torch.stack([p.repeat((length + p.numel() - 1) // p.numel())[:length] for p in pools])
+    return Pools(index, torch.tensor([p.numel() for p in pools]))
+
+
+def group_index(y: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """[G, L] image indices per group (classes pooled), cycled to a common length L."""
+    return group_pools(y, groups).index
+
+
+def group_seed(seed: int, family: TriggerFamily, sources: list[int], target: object) -> int:
+    """The seed of one group's random draws: a function of (seed, family, sources, target) alone, so a
+    group's result does not depend on which groups share its batch, chunk or worker."""
+    key = f"{seed}|{family.name}|{sorted(sources)}|{target}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
 
 
 def image_targets(targets: torch.Tensor, idx: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -68,90 +96,122 @@ class LambdaSchedule:
         self.up = torch.zeros(n_groups, device=device)
         self.down = torch.zeros(n_groups, device=device)
 
-    def update(self, ok: torch.Tensor) -> None:
+    def update(self, ok: torch.Tensor, rows: torch.Tensor) -> None:
+        """One step's outcome ``ok`` for the groups ``rows`` (the others keep their state)."""
         cfg = self.cfg
-        newly = ok & ~self.started
-        self.value = torch.where(newly, torch.full_like(self.value, cfg.init_lambda), self.value)
-        self.started |= ok
-        self.up = torch.where(ok & self.started, self.up + 1, torch.zeros_like(self.up))
-        self.down = torch.where(~ok & self.started, self.down + 1, torch.zeros_like(self.down))
-        raise_, lower = self.up >= cfg.patience, self.down >= cfg.patience
-        self.value = torch.where(raise_, self.value * cfg.lambda_up, self.value)
-        self.value = torch.where(lower, self.value / cfg.lambda_down, self.value)
-        self.up = torch.where(raise_, torch.zeros_like(self.up), self.up)
-        self.down = torch.where(lower, torch.zeros_like(self.down), self.down)
+        value, started, up, down = self.value[rows], self.started[rows], self.up[rows], self.down[rows]
+        value = torch.where(ok & ~started, torch.full_like(value, cfg.init_lambda), value)
+        started = started | ok
+        up = torch.where(ok & started, up + 1, torch.zeros_like(up))
+        down = torch.where(~ok & started, down + 1, torch.zeros_like(down))
+        raise_, lower = up >= cfg.patience, down >= cfg.patience
+        value = torch.where(raise_, value * cfg.lambda_up, value)
+        value = torch.where(lower, value / cfg.lambda_down, value)
+        self.value[rows], self.started[rows] = value, started
+        self.up[rows] = torch.where(raise_, torch.zeros_like(up), up)
+        self.down[rows] = torch.where(lower, torch.zeros_like(down), down)
 
 
 class BestTriggers:
-    """The smallest trigger of each group that succeeded on its step's images (Neural Cleanse keeps
-    the trigger after the step whose success it measured; docs/method.md explains why we keep that order)."""
+    """The smallest trigger of each group that succeeded on its step's images (Neural Cleanse keeps the
+    trigger after the step whose success it measured: docs/method.md#detection), and when it last
+    improved, for early stopping."""
 
     def __init__(self, candidates: CandidateTriggers, n_groups: int, device: torch.device) -> None:
         self.size = torch.full((n_groups,), float("inf"), device=device)
-        self.tensors = {k: v.clone() for k, v in candidates.snapshot().items()}
+        self.improved_at = torch.zeros(n_groups, dtype=torch.long, device=device)
+        self.tensors = candidates.snapshot()
 
-    def offer(self, candidates: CandidateTriggers, ok: torch.Tensor) -> None:
-        size = candidates.size()
-        better = ok & (size < self.size)
+    def offer(self, candidates: CandidateTriggers, rows: torch.Tensor, ok: torch.Tensor, step: int,
+              tolerance: float) -> None:
+        size = candidates.size(rows).detach()
+        better = ok & (size < self.size[rows])
         if better.any():
-            snap = candidates.snapshot()
+            snap = candidates.snapshot(rows[better])
             for k in self.tensors:
-                self.tensors[k][better] = snap[k][better]
-            self.size = torch.where(better, size, self.size)
+                self.tensors[k][rows[better]] = snap[k]
+            gain = better & (size < self.size[rows] * (1 - tolerance))
+            self.improved_at[rows[gain]] = step
+            self.size[rows[better]] = size[better]
+
+    def converged(self, step: int, patience: int) -> torch.Tensor:
+        """[G] groups that succeeded and have not shrunk by the tolerance for ``patience`` steps."""
+        if patience <= 0:
+            return torch.zeros_like(self.improved_at, dtype=torch.bool)
+        return torch.isfinite(self.size) & (step - self.improved_at >= patience)
 
     def finish(self, candidates: CandidateTriggers) -> dict[str, torch.Tensor]:
         """Groups that never succeeded keep their final trigger, for the record."""
         never = torch.isinf(self.size)
         if never.any():
-            snap = candidates.snapshot()
+            snap = candidates.snapshot(never.nonzero(as_tuple=True)[0])
             for k in self.tensors:
-                self.tensors[k][never] = snap[k][never]
+                self.tensors[k][never] = snap[k]
         return self.tensors
 
 
-def _optimise_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
-                    family: TriggerFamily, cfg: ReverseConfig, g: torch.Generator, bar: tqdm) -> dict[str, torch.Tensor]:
-    """``cfg.steps`` batched steps over the groups of ``index``; the kept trigger of every group."""
+def _draw_orders(pools: Pools, generators: list[torch.Generator]) -> torch.Tensor:
+    """[G, L] each group's own random order of its pool (positions < its length), from its generator."""
+    width = pools.index.shape[1]
+    order = torch.zeros(len(pools), width, dtype=torch.long)
+    for g, (n, gen) in enumerate(zip(pools.length.tolist(), generators)):
+        order[g, :n] = torch.randperm(n, generator=gen)
+    return order
+
+
+def _optimise_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pools: Pools, targets: torch.Tensor,
+                    family: TriggerFamily, cfg: ReverseConfig, generators: list[torch.Generator],
+                    bar: tqdm) -> tuple[dict[str, torch.Tensor], int]:
+    """``cfg.steps`` batched steps over the groups of ``pools``; the kept trigger of every group, and the
+    number of group-steps run (groups that converge stop early: ``cfg.stop_patience``)."""
     device = x.device
-    n_groups, length = index.shape
-    b = min(cfg.images_per_group, length)
-    cand = family.candidates(n_groups, tuple(x.shape[1:]), g).to(device)
+    n_groups = len(pools)
+    b = min(cfg.images_per_group, int(pools.length.min()))
+    cand = family.candidates(tuple(x.shape[1:]), generators).to(device)
+    order = _draw_orders(pools, generators).to(device)
+    index, length = pools.index.to(device), pools.length.to(device)
     opt = torch.optim.Adam(cand.parameters(), lr=cfg.lr(family), betas=(0.5, 0.9))
     lam = LambdaSchedule(n_groups, cfg, device)
     best = BestTriggers(cand, n_groups, device)
-    order = torch.rand(n_groups, length, generator=g).argsort(dim=1).to(device)  # each group's own permutation
-    rows = torch.arange(n_groups, device=device).unsqueeze(1)
-    index = index.to(device)
+    active = torch.ones(n_groups, dtype=torch.bool, device=device)
+    group_steps = 0
     for step in range(cfg.steps):
-        idx = index[rows, order[:, (torch.arange(b, device=device) + step * b) % length]]  # [G, B]
-        tgt = image_targets(targets, idx, y).flatten()
-        logits = model(cand.embed(x[idx]).flatten(0, 1))
-        ce = F.cross_entropy(logits, tgt, reduction="none").view(n_groups, b).mean(1)
-        loss = (ce + lam.value * cand.normalised_size()).sum()
+        rows = active.nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            break
+        group_steps += int(rows.numel())
+        pos = (torch.arange(b, device=device) + step * b).unsqueeze(0) % length[rows].unsqueeze(1)  # [A, B]
+        idx = index[rows.unsqueeze(1), order[rows.unsqueeze(1), pos]]
+        tgt = image_targets(targets.to(device)[rows], idx, y).flatten()
+        logits = model(cand.embed(x[idx], rows).flatten(0, 1))
+        ce = F.cross_entropy(logits, tgt, reduction="none").view(-1, b).mean(1)
+        loss = (ce + lam.value[rows] * cand.normalised_size(rows)).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():  # success measured before the step, the trigger kept after it (NC's order)
-            ok = (logits.argmax(1) == tgt).float().view(n_groups, b).mean(1) >= cfg.success_threshold
-            best.offer(cand, ok)
-            lam.update(ok)
+            ok = (logits.argmax(1) == tgt).float().view(-1, b).mean(1) >= cfg.success_threshold
+            best.offer(cand, rows, ok, step, cfg.stop_tolerance)
+            lam.update(ok, rows)
+            active &= ~best.converged(step, cfg.stop_patience)
         bar.update(1)
-    return best.finish(cand)
+    return best.finish(cand), group_steps
 
 
-def _run_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
-               family: TriggerFamily, cfg: ReverseConfig, g: torch.Generator, bar: tqdm) -> ReverseResult:
-    best = _optimise_chunk(model, x, y, index, targets, family, cfg, g, bar)
-    asr = success_rate(model, x, index, targets, family, best, cfg, y)
+def _run_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pools: Pools, targets: torch.Tensor,
+               family: TriggerFamily, cfg: ReverseConfig, generators: list[torch.Generator],
+               bar: tqdm) -> tuple[ReverseResult, int]:
+    best, group_steps = _optimise_chunk(model, x, y, pools, targets, family, cfg, generators, bar)
+    asr = success_rate(model, x, pools, targets, family, best, cfg, y)
     if family.scalable and cfg.calibrate_scales:
-        best, asr = calibrate(model, x, y, index, targets, best, asr, cfg, family)
+        best, asr = calibrate(model, x, y, pools, targets, best, asr, cfg, family)
     size = family.size(best)
     # a trigger that does not really succeed on the whole pool is not a small trigger
     size = torch.where(asr >= 0.5, size, torch.full_like(size, float("inf")))
-    return ReverseResult(family, size.cpu(), asr.cpu(), {k: v.cpu() for k, v in best.items()})
+    return ReverseResult(family, size.cpu(), asr.cpu(), {k: v.cpu() for k, v in best.items()}), group_steps
 
 
-def calibrate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
+def calibrate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pools: Pools | torch.Tensor, targets: torch.Tensor,
               best: dict[str, torch.Tensor], asr: torch.Tensor, cfg: ReverseConfig, family: TriggerFamily
               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Scale each group's trigger by the smallest of ``cfg.calibrate_scales`` that reaches
@@ -161,7 +221,7 @@ def calibrate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.T
     for factor in sorted(f for f in cfg.calibrate_scales if f > 1.0):
         if bool(done.all()):
             break
-        a = success_rate(model, x, index, targets, family, family.scaled(best, factor), cfg, y)
+        a = success_rate(model, x, pools, targets, family, family.scaled(best, factor), cfg, y)
         take = ~done & (a >= cfg.success_threshold)
         scale = torch.where(take, torch.full_like(scale, factor), scale)
         asr = torch.where(take, a, asr)
@@ -187,18 +247,24 @@ def prediction_fractions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num
 
 
 @torch.no_grad()
-def success_rate(model: nn.Module, x: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, family: TriggerFamily,
-                 tensors: Tensors, cfg: ReverseConfig, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Attack success of each group's trigger on every image of its pool (batched, chunked). ``targets``:
-    [G], or a per-class mapping [G, K] (then ``y`` gives each image's class)."""
+def success_rate(model: nn.Module, x: torch.Tensor, pools: Pools | torch.Tensor, targets: torch.Tensor,
+                 family: TriggerFamily, tensors: Tensors, cfg: ReverseConfig, y: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Attack success of each group's trigger on every image of its pool (each image once; batched,
+    chunked). ``pools``: ``Pools``, or a plain [G, L] index (every column counts). ``targets``: [G],
+    or a per-class mapping [G, K] (then ``y`` gives each image's class)."""
+    if not isinstance(pools, Pools):
+        pools = Pools(pools, torch.full((pools.shape[0],), pools.shape[1]))
     device = x.device
-    n_groups, length = index.shape
+    n_groups, width = pools.index.shape
     hits = torch.zeros(n_groups, device=device)
+    length = pools.length.to(device)
     cols_per_pass = max(1, cfg.max_images_per_pass // n_groups)
-    for start in range(0, length, cols_per_pass):
-        idx = index[:, start : start + cols_per_pass].to(device)
+    for start in range(0, int(length.max()), cols_per_pass):
+        idx = pools.index[:, start : start + cols_per_pass].to(device)
+        valid = (torch.arange(start, start + idx.shape[1], device=device).unsqueeze(0) < length.unsqueeze(1))
         pred = model(family.embed(x[idx], tensors).flatten(0, 1)).argmax(1).view(n_groups, -1)
-        hits += (pred == image_targets(targets, idx, y)).float().sum(1)
+        hits += ((pred == image_targets(targets, idx, y)) & valid).float().sum(1)
     return hits / length
 
 
@@ -208,21 +274,27 @@ def reverse_engineer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups:
     """Reverse-engineer one trigger per group (sources ``groups[i]`` -> ``targets[i]``), batched.
 
     ``targets`` may also be a per-class mapping [G, K]: group i's images of class c go to ``targets[i, c]``.
-    Groups are processed in chunks so that one pass holds at most ``max_images_per_pass`` images.
+    Groups are processed in chunks so that one pass holds at most ``max_images_per_pass`` images; each
+    group's random draws come from its own seed (``group_seed``), so the result of a group does not
+    depend on the others.
     """
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    index = group_index(y.cpu(), groups)
+    pools = group_pools(y.cpu(), groups)
     tgt = torch.as_tensor(targets, dtype=torch.long)
-    per_chunk = max(1, cfg.max_images_per_pass // max(1, min(cfg.images_per_group, index.shape[1])))
-    g = torch.Generator().manual_seed(cfg.seed)
+    generators = [torch.Generator().manual_seed(group_seed(cfg.seed, family, g, t.tolist()))
+                  for g, t in zip(groups, tgt)]
+    per_chunk = max(1, cfg.max_images_per_pass // max(1, min(cfg.images_per_group, int(pools.length.min()))))
     n_chunks = (len(groups) + per_chunk - 1) // per_chunk
-    results = []
+    results, group_steps = [], 0
     with tqdm(total=cfg.steps * n_chunks, desc=desc, unit="step", disable=not cfg.progress) as bar:
         for s in range(0, len(groups), per_chunk):
-            results.append(_run_chunk(model, x, y, index[s : s + per_chunk], tgt[s : s + per_chunk], family, cfg, g,
-                                      bar))
+            r, n = _run_chunk(model, x, y, pools.rows(s, s + per_chunk), tgt[s : s + per_chunk], family, cfg,
+                              generators[s : s + per_chunk], bar)
+            results.append(r)
+            group_steps += n
+    log.debug("%s: %d groups, %d group-steps of %d", desc, len(groups), group_steps, cfg.steps * len(groups))
     return ReverseResult(
         family,
         torch.cat([r.size for r in results]),

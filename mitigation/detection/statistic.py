@@ -1,6 +1,8 @@
 """From trigger sizes to anomaly scores: the pair statistic and the MAD test (docs/method.md#scoring)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 MAD_CONSISTENCY = 1.4826  # makes MAD a consistent estimator of the standard deviation for normal data
@@ -65,3 +67,40 @@ def pair_scores(size: torch.Tensor, pairs: list[tuple[int, int]], num_classes: i
     """The statistic and MAD score of every pair, from one family's trigger sizes."""
     stat = pair_statistic(size, pairs, num_classes, kind)
     return stat, mad_scores(stat)
+
+
+def pair_matrix(values: torch.Tensor, pairs: list[tuple[int, int]], num_classes: int) -> torch.Tensor:
+    """[K, K] of per-pair ``values`` (NaN on the diagonal and for pairs not given)."""
+    out = torch.full((num_classes, num_classes), float("nan"), dtype=values.dtype)
+    src = torch.tensor([s for s, _ in pairs])
+    tgt = torch.tensor([t for _, t in pairs])
+    out[src, tgt] = values
+    return out
+
+
+def column_evidence(scores: torch.Tensor, pairs: list[tuple[int, int]], num_classes: int) -> torch.Tensor:
+    """[K] each target's median pair score over its sources: how far *every* source's way to t is
+    unusually short. An all-to-one backdoor shifts its target's whole column; a natural pair shifts one
+    cell. A pair with no trigger (score 0) counts as 0, so a few failed optimisations cannot hide a
+    target (a median of nine needs five of them)."""
+    table = pair_matrix(scores.double(), pairs, num_classes)
+    return table.nanmedian(dim=0).values.float()
+
+
+def target_scores(column: torch.Tensor, sources: int) -> torch.Tensor:
+    """[K] robust z-scores of the targets' column evidence against the other targets' (the target
+    level's own null population: some classes are naturally easier to reach than others).
+
+    The scale is the targets' MAD (x 1.4826), but never below the spread that the pair scores' own noise
+    gives a median of ``sources`` of them (1.2533 / sqrt(n) for unit-scale scores): with ten targets the
+    MAD of ten numbers can be small by chance, and a noise column would then look anomalous."""
+    col = column.double()
+    finite = torch.isfinite(col)
+    if finite.sum() < 3:
+        return torch.zeros_like(column)
+    vals = col[finite]
+    med = vals.median()
+    scale = max(float((vals - med).abs().median()) * MAD_CONSISTENCY, 1.2533 / math.sqrt(max(1, sources)))
+    out = torch.zeros_like(col)
+    out[finite] = (vals - med) / scale
+    return out.float()

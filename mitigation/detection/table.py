@@ -43,5 +43,9 @@ def _transfers(moves: list[Transfer]) -> list[str]:
         key = (m.source, m.target, m.family)
         first.setdefault(key, m)
         last[key] = m
-    return [f"pair {m.source} -> {m.target} ({m.family}): the trigger of {m.donor[0]} -> {m.donor[1]} also works "
-            f"there ({100 * m.asr:.0f}%): size {first[k].size_before:.2f} -> {m.size:.2f}" for k, m in last.items()]
+    def donor(m: Transfer) -> str:
+        return f"the universal trigger of target {m.donor[1]}" if m.donor[0] < 0 else \
+            f"the trigger of {m.donor[0]} -> {m.donor[1]}"
+
+    return [f"pair {m.source} -> {m.target} ({m.family}): {donor(m)} also works there ({100 * m.asr:.0f}%): "
+            f"size {first[k].size_before:.2f} -> {m.size:.2f}" for k, m in last.items()]

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from bna_gateway.mitigation.bna import BNAConfig
-from bna_gateway.mitigation.detection import DetectionConfig, DetectionResult, ReverseConfig
+from bna_gateway.mitigation.detection import DetectionConfig, DetectionResult
 from bna_gateway.mitigation.detection.io import read_detection, write_detection
 from bna_gateway.mitigation.evaluation import Evaluation, evaluate_bundle
 from bna_gateway.mitigation.jobs.detect import run_detection
@@ -73,7 +73,7 @@ def _detection(out: Path, model: LoadedModel, run: RunOptions, times: dict[str, 
         return read_detection(det_dir)
     _step(2, "detecting: trigger reverse-engineering for all 90 class pairs ...")
     start = time.perf_counter()
-    cfg = DetectionConfig(trigger_type="patch", pair=ReverseConfig(seed=run.seed, progress=run.progress))
+    cfg = DetectionConfig(trigger_type="patch").with_seed(run.seed, run.progress)
     result = run_detection(model, load_clean_set(model, ModelSource(model_dir=model.directory), run.seed), cfg, run)
     write_detection(result, det_dir)
     times["detect"] = time.perf_counter() - start

@@ -25,7 +25,7 @@ ATTACKS = ("none", "badnet", "chessboard", "single_pixel", "blend", "sig", "wane
 
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "none": {},
-    "badnet": {"patch_size": 3, "location": "random"},
+    "badnet": {"patch_size": 3, "location": "random", "pattern": "random"},
     "chessboard": {"amplitude": 6 / 255},
     "single_pixel": {"delta": 75 / 255, "location": "random"},
     "blend": {"alpha": 0.2, "pattern": "random"},
@@ -108,6 +108,18 @@ def _location(loc: Any, h: int, w: int, k: int, g: torch.Generator) -> tuple[int
     return r, c
 
 
+def _stamp_pattern(kind: str, c: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """A BadNet stamp's k x k pixels: random 0/1 (per channel), a checkerboard, or solid white."""
+    if kind == "random":
+        return torch.randint(0, 2, (c, k, k), generator=g).float()
+    if kind == "checkerboard":
+        rr, cc = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+        return ((rr + cc) % 2).float().expand(c, k, k)
+    if kind == "solid":
+        return torch.ones(c, k, k)
+    raise ValueError(f"unknown badnet pattern {kind!r}: use random, checkerboard or solid")
+
+
 def wanet_flow(h: int, w: int, k: int, s: float, grid_rescale: float, g: torch.Generator) -> torch.Tensor:
     """WaNet's warp (Nguyen & Tran, 2021) as a displacement field [H, W, 2]: a random k x k field,
     upsampled bicubically, ``s / max(H, W)`` grid units at its mean magnitude."""
@@ -133,7 +145,7 @@ def build_trigger(spec: AttackSpec, shape: tuple[int, int, int]) -> Trigger | Id
         mask = torch.zeros(1, h, w)
         mask[:, r0 : r0 + k, c0 : c0 + k] = 1
         pattern = torch.zeros(c, h, w)
-        pattern[:, r0 : r0 + k, c0 : c0 + k] = torch.randint(0, 2, (c, k, k), generator=g).float()
+        pattern[:, r0 : r0 + k, c0 : c0 + k] = _stamp_pattern(p["pattern"], c, k, g)
         return Trigger(PATCH, {"mask": mask, "pattern": pattern})
     if spec.kind == "chessboard":
         rr, cc = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")

@@ -9,8 +9,8 @@ with a leading group dimension, one trigger per group of images):
 - ``strength``: the tensor that sets a trigger's strength (``None`` when it has none), scaled by
   ``scaled``: a minimal reverse-engineered trigger is the weakest copy of the real one, so detection
   calibrates it and BNA fits twins on stronger copies;
-- ``candidates(n, shape, generator)``: ``n`` trainable triggers, the parametrisation that trigger
-  reverse-engineering optimises (``CandidateTriggers``);
+- ``candidates(shape, generators)``: one trainable trigger per generator (each group's random start is
+  drawn from its own generator), the parametrisation reverse engineering optimises (``CandidateTriggers``);
 - ``panels(tensors)``: pictures of one trigger for the detection report.
 
 The attack lab builds its triggers from the same families (``Trigger``), so the backdoors we evaluate
@@ -19,7 +19,7 @@ and the triggers the defence estimates are embedded by one formula. docs/method.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Mapping
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,23 +28,32 @@ Tensors = Mapping[str, torch.Tensor]
 
 
 class CandidateTriggers(nn.Module, ABC):
-    """``n`` trainable triggers of one family, optimised together (one per group of images)."""
+    """Trainable triggers of one family, optimised together (one per group of images).
+
+    ``rows`` (a 1-D index tensor) restricts a call to some of the triggers, in that order: the groups
+    still being optimised (converged ones drop out of the batch)."""
+
+    family: TriggerFamily
 
     @abstractmethod
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Group g's images ``x[g]`` ([G or 1, B, C, H, W]) with trigger g embedded."""
+    def tensors(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The triggers as the family's plain tensors, differentiable in the parameters."""
 
     @abstractmethod
-    def size(self) -> torch.Tensor:
-        """[G] the family's size of each trigger."""
-
-    @abstractmethod
-    def normalised_size(self) -> torch.Tensor:
+    def normalised_size(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[G] size scaled to about [0, 1] whatever the input shape, so one penalty schedule suits all."""
 
-    @abstractmethod
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """The current triggers as the family's plain tensors (detached copies)."""
+    def embed(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Group g's images ``x[g]`` ([G or 1, B, C, H, W]) with trigger g embedded."""
+        return self.family.embed(x, self.tensors(rows))
+
+    def size(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[G] the family's size of each trigger."""
+        return self.family.size(self.tensors(rows))
+
+    def snapshot(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The current triggers as plain tensors (detached copies)."""
+        return {k: v.detach().clone() for k, v in self.tensors(rows).items()}
 
 
 class TriggerFamily(ABC):
@@ -63,8 +72,9 @@ class TriggerFamily(ABC):
         """[G] size of each of the G triggers ``tensors`` (leading group dimension)."""
 
     @abstractmethod
-    def candidates(self, n: int, shape: tuple[int, int, int], generator: torch.Generator) -> CandidateTriggers:
-        """``n`` trainable triggers for images of ``shape`` (C, H, W), initialised from ``generator``."""
+    def candidates(self, shape: tuple[int, int, int], generators: Sequence[torch.Generator]) -> CandidateTriggers:
+        """One trainable trigger per generator for images of ``shape`` (C, H, W); trigger i's random start
+        is drawn from ``generators[i]`` alone, so it does not depend on which other triggers share the batch."""
 
     @abstractmethod
     def panels(self, tensors: Tensors) -> list[tuple[str, torch.Tensor]]:
@@ -82,6 +92,11 @@ class TriggerFamily(ABC):
         if isinstance(factor, torch.Tensor) and factor.dim() == 1:
             factor = factor.to(value.device, value.dtype).view(-1, *[1] * (value.dim() - 1))
         return {**tensors, self.strength: value * factor}
+
+
+def randn_per_group(generators: Sequence[torch.Generator], *shape: int) -> torch.Tensor:
+    """[len(generators), *shape] standard normal draws, row i from ``generators[i]``."""
+    return torch.stack([torch.randn(*shape, generator=g) for g in generators])
 
 
 class Trigger(nn.Module):

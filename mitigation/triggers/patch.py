@@ -6,10 +6,12 @@ patches. It has no strength to scale: a stamp is as strong as its pixels.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
-from bna_gateway.mitigation.triggers.base import CandidateTriggers, Tensors, TriggerFamily
+from bna_gateway.mitigation.triggers.base import CandidateTriggers, Tensors, TriggerFamily, randn_per_group
 
 
 class PatchFamily(TriggerFamily):
@@ -24,8 +26,8 @@ class PatchFamily(TriggerFamily):
     def size(self, tensors: Tensors) -> torch.Tensor:
         return tensors["mask"].flatten(1).sum(1)
 
-    def candidates(self, n: int, shape: tuple[int, int, int], generator: torch.Generator) -> CandidateTriggers:
-        return PatchCandidates(n, shape, generator)
+    def candidates(self, shape: tuple[int, int, int], generators: Sequence[torch.Generator]) -> CandidateTriggers:
+        return PatchCandidates(shape, generators)
 
     def panels(self, tensors: Tensors) -> list[tuple[str, torch.Tensor]]:
         mask, pattern = tensors["mask"], tensors["pattern"]
@@ -44,30 +46,21 @@ class PatchFamily(TriggerFamily):
 class PatchCandidates(CandidateTriggers):
     """Neural Cleanse's parametrisation: ``m = (tanh(a) + 1) / 2`` starts small, ``p = (tanh(b) + 1) / 2`` random."""
 
-    def __init__(self, n: int, shape: tuple[int, int, int], generator: torch.Generator) -> None:
+    def __init__(self, shape: tuple[int, int, int], generators: Sequence[torch.Generator]) -> None:
         super().__init__()
+        self.family = PATCH
         c, h, w = shape
         self.hw = h * w
-        self.mask_raw = nn.Parameter(torch.full((n, 1, h, w), -1.0) + 0.1 * torch.randn(n, 1, h, w, generator=generator))
-        self.pattern_raw = nn.Parameter(torch.randn(n, c, h, w, generator=generator))
+        draws = randn_per_group(generators, 1 + c, h, w)  # each group: its mask noise, then its pattern
+        self.mask_raw = nn.Parameter(-1.0 + 0.1 * draws[:, :1])
+        self.pattern_raw = nn.Parameter(draws[:, 1:].clone())
 
-    def mask(self) -> torch.Tensor:
-        return torch.tanh(self.mask_raw) / 2 + 0.5
+    def tensors(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        a, b = (self.mask_raw, self.pattern_raw) if rows is None else (self.mask_raw[rows], self.pattern_raw[rows])
+        return {"mask": torch.tanh(a) / 2 + 0.5, "pattern": torch.tanh(b) / 2 + 0.5}
 
-    def pattern(self) -> torch.Tensor:
-        return torch.tanh(self.pattern_raw) / 2 + 0.5
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return PATCH.embed(x, {"mask": self.mask(), "pattern": self.pattern()})
-
-    def size(self) -> torch.Tensor:
-        return self.mask().flatten(1).sum(1)
-
-    def normalised_size(self) -> torch.Tensor:
-        return self.size() / self.hw
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {"mask": self.mask().detach().clone(), "pattern": self.pattern().detach().clone()}
+    def normalised_size(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.size(rows) / self.hw
 
 
 PATCH = PatchFamily()

@@ -6,11 +6,12 @@ minimum-size additive estimates of subtle triggers (blends look like this too) a
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from bna_gateway.mitigation.triggers.base import CandidateTriggers, Tensors, TriggerFamily
+from bna_gateway.mitigation.triggers.base import CandidateTriggers, Tensors, TriggerFamily, randn_per_group
 
 
 class PerturbationFamily(TriggerFamily):
@@ -24,8 +25,8 @@ class PerturbationFamily(TriggerFamily):
     def size(self, tensors: Tensors) -> torch.Tensor:
         return tensors["delta"].flatten(1).norm(dim=1)
 
-    def candidates(self, n: int, shape: tuple[int, int, int], generator: torch.Generator) -> CandidateTriggers:
-        return PerturbationCandidates(n, shape, generator)
+    def candidates(self, shape: tuple[int, int, int], generators: Sequence[torch.Generator]) -> CandidateTriggers:
+        return PerturbationCandidates(shape, generators)
 
     def panels(self, tensors: Tensors) -> list[tuple[str, torch.Tensor]]:
         d = tensors["delta"]
@@ -35,22 +36,17 @@ class PerturbationFamily(TriggerFamily):
 class PerturbationCandidates(CandidateTriggers):
     """``delta`` itself, starting as small noise."""
 
-    def __init__(self, n: int, shape: tuple[int, int, int], generator: torch.Generator) -> None:
+    def __init__(self, shape: tuple[int, int, int], generators: Sequence[torch.Generator]) -> None:
         super().__init__()
+        self.family = PERTURBATION
         self.scale = math.sqrt(math.prod(shape))
-        self.delta = nn.Parameter(0.01 * torch.randn(n, *shape, generator=generator))
+        self.delta = nn.Parameter(0.01 * randn_per_group(generators, *shape))
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return PERTURBATION.embed(x, {"delta": self.delta})
+    def tensors(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {"delta": self.delta if rows is None else self.delta[rows]}
 
-    def size(self) -> torch.Tensor:
-        return self.delta.flatten(1).norm(dim=1)
-
-    def normalised_size(self) -> torch.Tensor:
-        return self.size() / self.scale * 4
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {"delta": self.delta.detach().clone()}
+    def normalised_size(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.size(rows) / self.scale * 4
 
 
 PERTURBATION = PerturbationFamily()

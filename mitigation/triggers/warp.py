@@ -9,11 +9,13 @@ instead of changing them: neither a small patch nor a small perturbation reprodu
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bna_gateway.mitigation.triggers.base import CandidateTriggers, Tensors, TriggerFamily
+from bna_gateway.mitigation.triggers.base import CandidateTriggers, Tensors, TriggerFamily, randn_per_group
 
 
 def identity_grid(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
@@ -60,8 +62,8 @@ class WarpFamily(TriggerFamily):
         px = flow / pixel_scale(h, w).to(flow.device)
         return px.pow(2).sum(-1).flatten(1).mean(1).sqrt()
 
-    def candidates(self, n: int, shape: tuple[int, int, int], generator: torch.Generator) -> CandidateTriggers:
-        return WarpCandidates(n, shape, generator)
+    def candidates(self, shape: tuple[int, int, int], generators: Sequence[torch.Generator]) -> CandidateTriggers:
+        return WarpCandidates(shape, generators)
 
     def panels(self, tensors: Tensors) -> list[tuple[str, torch.Tensor]]:
         """The displacement magnitude, and a checkerboard warped through the field (amplified so that a
@@ -81,31 +83,27 @@ class WarpFamily(TriggerFamily):
 class WarpCandidates(CandidateTriggers):
     """A ``control`` x ``control`` grid of displacements in pixels per trigger, upsampled bicubically."""
 
-    def __init__(self, n: int, shape: tuple[int, int, int], generator: torch.Generator, control: int = 4) -> None:
+    def __init__(self, shape: tuple[int, int, int], generators: Sequence[torch.Generator], control: int = 4) -> None:
         super().__init__()
+        self.family = WARP
         _, h, w = shape
         self.hw = (h, w)
         self.scale_px = max(h, w) / 28  # a pixel's worth of displacement on a 28-pixel-wide image
         # (dx, dy) in pixels; a small random start breaks the symmetry
-        self.control = nn.Parameter(0.05 * torch.randn(n, 2, control, control, generator=generator))
+        self.control = nn.Parameter(0.05 * randn_per_group(generators, 2, control, control))
         self.register_buffer("unit", pixel_scale(h, w))
 
-    def flow(self) -> torch.Tensor:
+    def flow(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[G, H, W, 2] displacement in grid units."""
-        px = F.interpolate(self.control, size=self.hw, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        control = self.control if rows is None else self.control[rows]
+        px = F.interpolate(control, size=self.hw, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
         return px * self.unit
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return WARP.embed(x, {"flow": self.flow()})
+    def tensors(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {"flow": self.flow(rows)}
 
-    def size(self) -> torch.Tensor:
-        return WARP.size({"flow": self.flow()})
-
-    def normalised_size(self) -> torch.Tensor:
-        return self.size() / self.scale_px
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {"flow": self.flow().detach().clone()}
+    def normalised_size(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.size(rows) / self.scale_px
 
 
 WARP = WarpFamily()

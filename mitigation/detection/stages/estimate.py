@@ -1,74 +1,64 @@
-"""Stage 4, per-target estimates: each target's trigger re-estimated jointly on all its flagged sources.
+"""Stage 5, per-target estimates: each candidate target's trigger re-estimated jointly on its sources.
 
-- The target's family is the one in which its flagged pairs are most anomalous (summed scores).
-- All-to-all false pairs (the paper's test): a target with several sources also has its smallest pair
-  re-estimated alone, in the same batched run and with the same settings. When the joint trigger is
-  more than ``joint_ratio`` times larger, the sources do not share one trigger: only the smallest pair
-  is kept, with the sources on which its own trigger also works.
+- The joint estimate, and the smallest pair alone, in one batched run (the paper's all-to-all test):
+  when the joint trigger is more than ``joint_ratio`` times larger, the sources do not share one
+  trigger; only the smallest pair is kept, with the sources on which its own trigger also works.
+- A target found by its column alone (no flagged pair) must pass that test as a *universality test*:
+  an all-to-one backdoor's one trigger works for most sources, a naturally easy target needs a
+  different change for each. It is kept only when the trigger kept works for at least
+  ``universal_sources`` of its sources; otherwise it is dropped (recorded as eliminated).
 - A patch estimate becomes a solid stamp when that is no weaker (``binarise_fraction``).
-- A target whose pairs are anomalous in another family too is re-estimated there as well (in a run of
-  its own), and its twin is fitted on both estimates.
-docs/method.md#4-per-target-estimates.
+- A target anomalous in another family too is re-estimated there as well, and its twin is fitted on
+  every estimate (which family describes the real trigger is unknown: a sinusoid is also fired by a
+  small patch).
+docs/method.md#5-per-target-estimates.
 """
 from __future__ import annotations
 
 import logging
+import math
 
 from bna_gateway.mitigation.detection.config import DetectionConfig
-from bna_gateway.mitigation.detection.records import Elimination, PairRecord, TargetTrigger
+from bna_gateway.mitigation.detection.records import Elimination, TargetTrigger
 from bna_gateway.mitigation.detection.stages.common import Estimate, Job, binarise, reestimate, sources_sharing
+from bna_gateway.mitigation.detection.stages.select import Candidate
 from bna_gateway.mitigation.detection.suspect import Suspect
 from bna_gateway.mitigation.triggers import PATCH, family
 
 log = logging.getLogger(__name__)
 
 
-def flagged_by_target(records: list[PairRecord]) -> dict[int, list[PairRecord]]:
-    """The flagged pairs grouped by target, targets in increasing order."""
-    out: dict[int, list[PairRecord]] = {}
-    for r in records:
-        if r.flagged:
-            out.setdefault(r.target, []).append(r)
-    return dict(sorted(out.items()))
-
-
-def family_of_target(recs: list[PairRecord]) -> str:
-    """The family in which this target's pairs are most anomalous (sum of their scores)."""
-    totals: dict[str, float] = {}
-    for r in recs:
-        for fam, e in r.by_family.items():
-            totals[fam] = totals.get(fam, 0.0) + e.score
-    return max(totals, key=totals.__getitem__)
-
-
-def estimate_targets(suspect: Suspect, records: list[PairRecord], cfg: DetectionConfig
+def estimate_targets(suspect: Suspect, candidates: list[Candidate], cfg: DetectionConfig
                      ) -> tuple[dict[int, TargetTrigger], list[Elimination]]:
-    """The detected targets with their sources and trigger estimates, and the pairs the all-to-all test dropped."""
-    flagged = flagged_by_target(records)
-    if not flagged:
+    """The detected targets with their sources and trigger estimates; the pairs (and column-only
+    targets) the all-to-all test dropped."""
+    if not candidates:
         return {}, []
     rev = cfg.reestimate()
-    fams = {t: family(family_of_target(recs)) for t, recs in flagged.items()}
-    sources = {t: sorted(r.source for r in recs) for t, recs in flagged.items()}
-    smallest = {t: min(recs, key=lambda r: r.by_family[fams[t].name].size).source
-                for t, recs in flagged.items() if len(recs) > 1}
-    jobs = [Job(t, sources[t], fams[t]) for t in sources] + [Job(t, [s], fams[t]) for t, s in smallest.items()]
-    found = reestimate(suspect, jobs, rev)
-    estimates = dict(zip(sources, found[: len(sources)]))
-    # in runs of their own: a batch's image draws depend on its groups, and the all-to-all test below
-    # compares two estimates of one batch
-    other_jobs = [Job(t, sources[t], family(f)) for t, recs in flagged.items() for f in sorted(recs[0].by_family)
-                  if f != fams[t].name and any(r.by_family[f].score > cfg.threshold for r in recs)]
-    others = reestimate(suspect, other_jobs, rev) if other_jobs else []
+    joint = [Job(c.target, c.sources, family(c.family)) for c in candidates]
+    alone = [Job(c.target, [c.smallest], family(c.family)) for c in candidates if c.smallest is not None]
+    others = [Job(c.target, c.sources, family(f)) for c in candidates for f in c.other_families]
+    found = reestimate(suspect, joint + alone + others, rev)
+    estimates = dict(zip((c.target for c in candidates), found[: len(joint)]))
+    singles = dict(zip((j.target for j in alone), found[len(joint): len(joint) + len(alone)]))
+    sources = {c.target: c.sources for c in candidates}
     eliminated: list[Elimination] = []
-    for (t, s), alone in zip(smallest.items(), found[len(sources):]):
-        kept, est, dropped = _all_to_all_test(suspect, t, s, sources[t], estimates[t], alone, fams[t].name, cfg)
-        sources[t], estimates[t] = kept, est
-        eliminated += dropped
-    triggers = {t: _target_trigger(suspect, t, sources[t], fams[t].name, est, flagged[t], cfg)
-                for t, est in estimates.items()}
-    for job, est in zip(other_jobs, others):
-        if job.sources != sources[job.target]:  # the all-to-all test removed sources: the estimate no longer fits
+    for c in candidates:
+        if c.target in singles:
+            kept, est, dropped = _all_to_all_test(suspect, c, estimates[c.target], singles[c.target], cfg)
+            sources[c.target], estimates[c.target] = kept, est
+            eliminated += dropped
+    triggers = {}
+    for c in candidates:
+        if c.by_column and len(sources[c.target]) < math.ceil(cfg.universal_sources * len(c.sources)):
+            log.info("target %d (found by its column, score %.2f): no one trigger works for most of its sources "
+                     "(%d of %d): not a target", c.target, c.score, len(sources[c.target]), len(c.sources))
+            eliminated += [Elimination(s, c.target, estimates[c.target].size, singles[c.target].size)
+                           for s in sources[c.target]]
+            continue
+        triggers[c.target] = _target_trigger(suspect, c, sources[c.target], estimates[c.target], cfg)
+    for job, est in zip(others, found[len(joint) + len(alone):]):
+        if job.target not in triggers or job.sources != sources[job.target]:  # sources changed: no longer fits
             continue
         tensors, asr = est.tensors, est.asr
         if job.family is PATCH:
@@ -80,30 +70,29 @@ def estimate_targets(suspect: Suspect, records: list[PairRecord], cfg: Detection
     return triggers, eliminated
 
 
-def _all_to_all_test(suspect: Suspect, target: int, smallest: int, sources: list[int], joint: Estimate,
-                     alone: Estimate, fam: str, cfg: DetectionConfig
+def _all_to_all_test(suspect: Suspect, c: Candidate, joint: Estimate, alone: Estimate, cfg: DetectionConfig
                      ) -> tuple[list[int], Estimate, list[Elimination]]:
     """Keep the joint estimate, or (joint far larger than the smallest pair's alone) only the smallest pair
     with the sources its trigger also fires; the sources kept, the estimate, and the pairs dropped."""
     if not joint.size > cfg.joint_ratio * alone.size:
-        return sources, joint, []
-    rest = [r for r in sources if r != smallest]
-    if fam == PATCH.name:  # the stamped patch that would be served
-        alone = Estimate(binarise(suspect, [smallest], target, alone.tensors, cfg, cfg.reestimate())[0],
+        return c.sources, joint, []
+    assert c.smallest is not None
+    rest = [r for r in c.sources if r != c.smallest]
+    if c.family == PATCH.name:  # the stamped patch that would be served
+        alone = Estimate(binarise(suspect, [c.smallest], c.target, alone.tensors, cfg, cfg.reestimate())[0],
                          alone.size, alone.asr)
-    shared = sources_sharing(suspect, target, family(fam), alone.tensors, rest, cfg)
-    dropped = [Elimination(r, target, joint.size, alone.size) for r in rest if r not in shared]
-    kept = sorted([smallest, *shared])
+    shared = sources_sharing(suspect, c.target, family(c.family), alone.tensors, rest, cfg)
+    dropped = [Elimination(r, c.target, joint.size, alone.size) for r in rest if r not in shared]
+    kept = sorted([c.smallest, *shared])
     log.info("target %d: joint trigger %.2f > %.1f x %.2f (source %d alone): keeping sources %s",
-             target, joint.size, cfg.joint_ratio, alone.size, smallest, kept)
+             c.target, joint.size, cfg.joint_ratio, alone.size, c.smallest, kept)
     return kept, alone, dropped
 
 
-def _target_trigger(suspect: Suspect, target: int, sources: list[int], fam: str, est: Estimate,
-                    recs: list[PairRecord], cfg: DetectionConfig) -> TargetTrigger:
+def _target_trigger(suspect: Suspect, c: Candidate, sources: list[int], est: Estimate,
+                    cfg: DetectionConfig) -> TargetTrigger:
     tensors, size, asr = est.tensors, est.size, est.asr
-    if fam == PATCH.name:
-        tensors, asr = binarise(suspect, sources, target, tensors, cfg, cfg.reestimate())
+    if c.family == PATCH.name:
+        tensors, asr = binarise(suspect, sources, c.target, tensors, cfg, cfg.reestimate())
         size = float(tensors["mask"].sum())
-    score = max(r.score for r in recs if r.source in sources)
-    return TargetTrigger(target, sources, fam, tensors, float(asr), float(size), float(score))
+    return TargetTrigger(c.target, sources, c.family, tensors, float(asr), float(size), c.score)

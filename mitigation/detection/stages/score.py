@@ -1,5 +1,11 @@
-"""Stage 3, scoring: each family's pair statistic and MAD score; a pair is judged in the family where it is
-most anomalous and flagged above the threshold. docs/method.md#3-scoring.
+"""Stage 3, scoring, at the two levels where attacks act (docs/method.md#3-scoring).
+
+- Pairs: each family's pair statistic and its robust z-score (MAD) against all pairs of the family;
+  a pair is judged in the family where it is most anomalous and flagged above ``threshold``.
+- Targets: each family's column evidence of a target (the median of its pairs' scores over the
+  sources) and its robust z-score against the other targets' columns (some classes are naturally
+  easier to reach than others: that is the target level's null population). A target above
+  ``target_threshold`` is a candidate even when none of its pairs is flagged.
 """
 from __future__ import annotations
 
@@ -8,9 +14,10 @@ import logging
 import torch
 
 from bna_gateway.mitigation.detection.config import DetectionConfig
-from bna_gateway.mitigation.detection.records import FamilyEvidence, PairRecord
+from bna_gateway.mitigation.detection.records import FamilyEvidence, PairRecord, TargetEvidence
 from bna_gateway.mitigation.detection.stages.scan import PairScan
-from bna_gateway.mitigation.detection.statistic import pair_scores
+from bna_gateway.mitigation.detection.stages.targets import TargetScan
+from bna_gateway.mitigation.detection.statistic import column_evidence, pair_scores, target_scores
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +32,7 @@ def score_pairs(scans: dict[str, PairScan], num_classes: int, cfg: DetectionConf
         stat = torch.nan_to_num(stat, nan=0.0)
         evidence[name] = [FamilyEvidence(float(st), float(sc), float(a), float(sz)) for st, sc, a, sz in
                           zip(stat.tolist(), score.tolist(), scan.result.asr.tolist(), scan.result.size.tolist())]
-        log.info("%s: max score %.2f", name, float(score.max()))
+        log.info("%s: max pair score %.2f", name, float(score.max()))
     records = []
     for i, (s, t) in enumerate(pairs):
         by_family = {name: ev[i] for name, ev in evidence.items()}
@@ -33,3 +40,20 @@ def score_pairs(scans: dict[str, PairScan], num_classes: int, cfg: DetectionConf
         e = by_family[fam]
         records.append(PairRecord(s, t, fam, e.statistic, e.score, e.asr, e.size, e.score > cfg.threshold, by_family))
     return records
+
+
+def score_targets(scans: dict[str, PairScan], universal: dict[str, TargetScan], num_classes: int,
+                  cfg: DetectionConfig) -> dict[str, TargetEvidence]:
+    """Each family's evidence per target: column of pair scores, its z-score, the universal trigger."""
+    out: dict[str, TargetEvidence] = {}
+    for name, scan in scans.items():
+        _, score = pair_scores(scan.result.size, scan.pairs, num_classes, cfg.statistic)
+        column = column_evidence(score, scan.pairs, num_classes)
+        z = target_scores(column, num_classes - 1)
+        uni = universal.get(name)
+        size = uni.result.size.tolist() if uni is not None else [float("nan")] * num_classes
+        asr = uni.result.asr.tolist() if uni is not None else [float("nan")] * num_classes
+        out[name] = TargetEvidence([round(float(v), 4) for v in column.tolist()], [round(float(v), 4) for v in z.tolist()],
+                                   size, asr)
+        log.info("%s: target column scores %s", name, " ".join(f"{v:.1f}" for v in z.tolist()))
+    return out

@@ -1,11 +1,13 @@
 """Stage 2, trigger transfer: a reverse-engineered trigger is only an upper bound on its pair's smallest
-trigger, and so is any other pair's trigger that works there.
+trigger, and so is any other trigger that works there.
 
-Each flagged pair's trigger is stamped on every class's clean images (batched over triggers and images);
-where it sends at least ``transfer_success`` of class c to one class t', the pair (c, t') takes it if it
-is smaller than its own, and the scores are recomputed; up to ``transfer_rounds`` rounds, each with the
-newly flagged pairs' triggers. This finds the pairs whose own optimisation missed the backdoor (an
-all-to-all attack's pairs share one patch). docs/method.md#2-trigger-transfer.
+First the target scan's universal triggers: where target t's sends at least ``transfer_success`` of
+class s to t, the pair (s, t) takes it if it is smaller than its own (an all-to-one backdoor's pairs
+whose own short optimisation fell short, or never succeeded, get the backdoor's size). Then each
+flagged pair's trigger is stamped on every class's clean images (batched over triggers and images);
+where it sends at least ``transfer_success`` of class c to one class t', the pair (c, t') takes it if
+smaller, and the scores are recomputed; up to ``transfer_rounds`` rounds, each with the newly flagged
+pairs' triggers (an all-to-all attack's pairs share one patch). docs/method.md#2-trigger-transfer.
 """
 from __future__ import annotations
 
@@ -16,33 +18,65 @@ import torch
 
 from bna_gateway.mitigation.detection.config import DetectionConfig
 from bna_gateway.mitigation.detection.records import Transfer
-from bna_gateway.mitigation.detection.reverse import ReverseResult
 from bna_gateway.mitigation.detection.stages.scan import PairScan
+from bna_gateway.mitigation.detection.stages.targets import TargetScan
 from bna_gateway.mitigation.detection.statistic import pair_scores
 from bna_gateway.mitigation.detection.suspect import Suspect
 
 log = logging.getLogger(__name__)
 
 
-def transfer_triggers(suspect: Suspect, scans: dict[str, PairScan], cfg: DetectionConfig
-                      ) -> tuple[dict[str, PairScan], list[Transfer]]:
+def transfer_triggers(suspect: Suspect, scans: dict[str, PairScan], universal: dict[str, TargetScan],
+                      cfg: DetectionConfig) -> tuple[dict[str, PairScan], list[Transfer]]:
     """Every family's scan with pair triggers tightened by transfer (new scans; the inputs are kept)."""
     if cfg.transfer_success is None:
         return scans, []
     out: dict[str, PairScan] = {}
     moved: list[Transfer] = []
     for name, scan in scans.items():
-        result, m = _transfer_family(suspect, scan, cfg)
-        out[name] = PairScan(scan.pairs, result)
-        moved += m
+        result = scan.result
+        size, asr = result.size.clone(), result.asr.clone()
+        tensors = {k: v.clone() for k, v in result.tensors.items()}
+        if name in universal:
+            moved += _from_universal(suspect, scan, universal[name], size, asr, tensors, cfg)
+        moved += _from_flagged(suspect, scan, size, asr, tensors, cfg)
+        out[name] = PairScan(scan.pairs, replace(result, size=size, asr=asr, tensors=tensors))
     return out, moved
 
 
-def _transfer_family(suspect: Suspect, scan: PairScan, cfg: DetectionConfig) -> tuple[ReverseResult, list[Transfer]]:
+def _from_universal(suspect: Suspect, scan: PairScan, universal: TargetScan, size: torch.Tensor, asr: torch.Tensor,
+                    tensors: dict[str, torch.Tensor], cfg: DetectionConfig) -> list[Transfer]:
+    """Pairs (s, t) tightened, in place on the copies given, by target t's universal trigger."""
+    assert cfg.transfer_success is not None
+    uni = universal.result
+    found = torch.isfinite(uni.size)
+    if not bool(found.any()):
+        return []
+    rows = found.nonzero(as_tuple=True)[0]
+    frac = suspect.fractions(uni.family, {k: v[rows] for k, v in uni.tensors.items()}, cfg.pair)  # [T', K, K]
+    where = {p: i for i, p in enumerate(scan.pairs)}
+    moved: list[Transfer] = []
+    for d, r in enumerate(rows.tolist()):
+        t = universal.targets[r]
+        for s in universal.sources[r]:
+            j = where.get((s, t))
+            rate = float(frac[d, s, t])
+            if j is None or rate < cfg.transfer_success or not bool(uni.size[r] < size[j]):
+                continue
+            moved.append(Transfer(s, t, scan.family, (-1, t), round(rate, 4), float(size[j]), float(uni.size[r])))
+            size[j], asr[j] = uni.size[r], rate
+            for n in tensors:
+                tensors[n][j] = uni.tensors[n][r]
+    if moved:
+        log.info("%s: universal triggers tightened %d pairs", scan.family, len(moved))
+    return moved
+
+
+def _from_flagged(suspect: Suspect, scan: PairScan, size: torch.Tensor, asr: torch.Tensor,
+                  tensors: dict[str, torch.Tensor], cfg: DetectionConfig) -> list[Transfer]:
+    """Pairs tightened, in place on the copies given, by the flagged pairs' triggers, round by round."""
     assert cfg.transfer_success is not None
     res = scan.result
-    size, asr = res.size.clone(), res.asr.clone()
-    tensors = {k: v.clone() for k, v in res.tensors.items()}
     where = {p: i for i, p in enumerate(scan.pairs)}
     k = suspect.num_classes
     present = torch.zeros(k, dtype=torch.bool)
@@ -63,8 +97,8 @@ def _transfer_family(suspect: Suspect, scan: PairScan, cfg: DetectionConfig) -> 
         changed = False
         for d, i in enumerate(donors):
             for c in (present & (rate[d] >= cfg.transfer_success)).nonzero(as_tuple=True)[0].tolist():
-                j = where[(c, int(dest[d, c]))]
-                if j == i or not bool(given_size[d] < size[j]):
+                j = where.get((c, int(dest[d, c])))
+                if j is None or j == i or not bool(given_size[d] < size[j]):
                     continue
                 moved.append(Transfer(c, scan.pairs[j][1], scan.family, scan.pairs[i], round(float(rate[d, c]), 4),
                                       float(size[j]), float(given_size[d])))
@@ -77,4 +111,4 @@ def _transfer_family(suspect: Suspect, scan: PairScan, cfg: DetectionConfig) -> 
                 changed = True
         if not changed:
             break
-    return replace(res, size=size, asr=asr, tensors=tensors), moved
+    return moved

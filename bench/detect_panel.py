@@ -1,0 +1,244 @@
+"""The detection panel: does ``bna detect`` find backdoors in models nobody shaped it on?
+
+Trains (once; reused afterwards) a panel of poisoned and clean classifiers on mnist5k -- the four
+built-in architectures and two plain CNNs defined outside ``models/`` (``bench/panel/outside_nets.py``,
+loaded through ``--arch module:factory``), patch triggers of 2x2 to 5x5 with random, checkerboard and
+solid patterns at random or fixed places, blends of noise or an image at alpha 0.1-0.2, SIG, WaNet,
+all-to-one towards various targets and all-to-all, several seeds -- then runs the default
+``bna detect`` on each and reports:
+
+- detection: all-to-one, the true target found with at least K-2 of its K-1 sources; all-to-all, at
+  least 80% of the true (c -> c+1) pairs found; clean, no target at all;
+- the false targets, on poisoned models and on clean ones;
+- the seconds ``bna detect`` took (wall, including loading) per model.
+
+Usage: python bench/detect_panel.py [--only NAME,NAME] [--out artifacts/panel] [--detect-arg=--trigger-type=patch]
+Writes bench/results/detect_panel.json and bench/results/detect_panel.md; every miss is listed with its scores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PANEL_NETS = ROOT / "bench" / "panel"
+BNA = str(Path(sys.executable).with_name("bna"))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    arch: str
+    attack: str = "none"
+    params: dict = field(default_factory=dict)
+    target: int = 0
+    mode: str = "a2o"
+    seed: int = 0
+    width: int | None = None
+
+    @property
+    def poisoned(self) -> bool:
+        return self.attack != "none"
+
+
+CNN5, LENET = "outside_nets:plain_cnn5", "outside_nets:lenet_bn"
+IMAGE_PATTERN = "IMAGE"  # replaced by the path of a smooth image written next to the models
+PANEL = [
+    # patch triggers: sizes 2..5, random / checkerboard / solid patterns, random or fixed places
+    Case("resnet_badnet3_t9", "resnet18", "badnet", {"patch_size": 3}, 9),
+    Case("resnet_badnet2_t4", "resnet18", "badnet", {"patch_size": 2}, 4, seed=1),
+    Case("resnet_badnet5cb_t0", "resnet18", "badnet", {"patch_size": 5, "pattern": "checkerboard",
+                                                       "location": "bottom_right"}, 0, seed=2),
+    Case("preact_badnet4solid_t7", "preact_resnet18", "badnet", {"patch_size": 4, "pattern": "solid"}, 7, seed=3),
+    Case("mobilenet_badnet3_t2", "mobilenetv2", "badnet", {"patch_size": 3}, 2, seed=4, width=16),
+    Case("vgg_badnet4cb_t5", "vgg16_bn", "badnet", {"patch_size": 4, "pattern": "checkerboard"}, 5, seed=5, width=16),
+    Case("cnn5_badnet4_t3", CNN5, "badnet", {"patch_size": 4}, 3, seed=6),
+    Case("lenet_badnet3solid_t8", LENET, "badnet", {"patch_size": 3, "pattern": "solid", "location": [2, 2]}, 8,
+         seed=7),
+    Case("cnn5_badnet2cb_t6", CNN5, "badnet", {"patch_size": 2, "pattern": "checkerboard"}, 6, seed=8),
+    # blends: noise or an image, alpha 0.1-0.2
+    Case("resnet_blend20_t1", "resnet18", "blend", {"alpha": 0.2}, 1, seed=9),
+    Case("resnet_blend10_t6", "resnet18", "blend", {"alpha": 0.1}, 6, seed=10),
+    Case("cnn5_blend15_t2", CNN5, "blend", {"alpha": 0.15}, 2, seed=11),
+    Case("preact_blendimg15_t3", "preact_resnet18", "blend", {"alpha": 0.15, "pattern": IMAGE_PATTERN}, 3, seed=12),
+    Case("vgg_blend20_t9", "vgg16_bn", "blend", {"alpha": 0.2}, 9, seed=13, width=16),
+    # additive and warping triggers
+    Case("resnet_sig_t5", "resnet18", "sig", {}, 5, seed=14),
+    Case("lenet_sig_t0", LENET, "sig", {}, 0, seed=15),
+    Case("resnet_chessboard_t7", "resnet18", "chessboard", {}, 7, seed=16),
+    Case("resnet_wanet_t4", "resnet18", "wanet", {}, 4, seed=17),
+    Case("preact_wanet_t8", "preact_resnet18", "wanet", {}, 8, seed=18),
+    Case("mobilenet_blend20_t7", "mobilenetv2", "blend", {"alpha": 0.2}, 7, seed=19, width=16),
+    # all-to-all
+    Case("resnet_badnet3_a2a", "resnet18", "badnet", {"patch_size": 3}, 0, mode="a2a", seed=20),
+    Case("cnn5_badnet4_a2a", CNN5, "badnet", {"patch_size": 4}, 0, mode="a2a", seed=21),
+    # clean models
+    Case("resnet_clean_s0", "resnet18", seed=30),
+    Case("resnet_clean_s1", "resnet18", seed=31),
+    Case("preact_clean", "preact_resnet18", seed=32),
+    Case("mobilenet_clean", "mobilenetv2", seed=33, width=16),
+    Case("vgg_clean", "vgg16_bn", seed=34, width=16),
+    Case("cnn5_clean", CNN5, seed=35),
+    Case("lenet_clean", LENET, seed=36),
+]
+
+
+def env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(PANEL_NETS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def image_pattern(out: Path) -> Path:
+    """A smooth, structured 28x28 image (not noise) to blend: concentric rings."""
+    path = out / "blend_pattern.png"
+    if not path.is_file():
+        yy, xx = np.mgrid[0:28, 0:28] - 13.5
+        rings = (np.sin(np.hypot(xx, yy) / 1.6) + 1) / 2
+        Image.fromarray((rings * 255).astype(np.uint8), mode="L").save(path)
+    return path
+
+
+def train(case: Case, out: Path) -> Path:
+    model = out / case.name
+    if (model / "metrics.json").is_file():
+        return model
+    cmd = [BNA, "train", "--dataset", "mnist5k", "--arch", case.arch, "--attack", case.attack, "--target",
+           str(case.target), "--mode", case.mode, "--seed", str(case.seed), "--out", str(model), "--quiet"]
+    if case.width:
+        cmd += ["--width", str(case.width)]
+    for key, value in case.params.items():
+        value = str(image_pattern(out)) if value == IMAGE_PATTERN else value
+        cmd += ["--attack-param", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    subprocess.run(cmd, check=True, env=env())
+    return model
+
+
+def true_pairs(case: Case, k: int = 10) -> set[tuple[int, int]]:
+    if not case.poisoned:
+        return set()
+    if case.mode == "a2a":
+        return {(c, (c + 1) % k) for c in range(k)}
+    return {(s, case.target) for s in range(k) if s != case.target}
+
+
+def judge(case: Case, det: dict, k: int = 10) -> dict:
+    """Detected or not, by the panel's rule, and the false targets."""
+    truth = true_pairs(case, k)
+    targets = set(det["detected_targets"])
+    sources = {int(t): set(s) for t, s in det["sources"].items()}
+    true_targets = {t for _, t in truth}
+    found = {(s, t) for t, ss in sources.items() for s in ss} & truth
+    if not case.poisoned:
+        ok = not targets
+    elif case.mode == "a2a":
+        ok = len(found) >= 0.8 * len(truth)
+    else:
+        ok = case.target in targets and len(sources.get(case.target, set()) & {s for s, _ in truth}) >= k - 2
+    return {"detected": ok, "true_pairs_found": len(found), "true_pairs": len(truth),
+            "false_targets": sorted(targets - true_targets)}
+
+
+def evidence(case: Case, det: dict) -> str:
+    """What detection saw about the true target(s): for a miss, the scores to look at."""
+    truth = true_pairs(case)
+    pairs = [p for p in det["pairs"] if (p["source"], p["target"]) in truth]
+    best = sorted(pairs, key=lambda p: -p["score"])[:3]
+    text = ", ".join(f"{p['source']}->{p['target']} {p['family']} {p['score']:.1f}" for p in best)
+    levels = det.get("target_scores", {})
+    if case.poisoned and case.mode == "a2o" and levels:
+        text += "; target-level " + ", ".join(f"{f} {v.get(str(case.target), 0):.1f}" for f, v in levels.items())
+    return text
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "panel")
+    ap.add_argument("--only", default=None, help="comma separated case names")
+    ap.add_argument("--detect-arg", action="append", default=[], help="extra 'bna detect' argument, repeatable")
+    ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the result files and detection folders")
+    args = ap.parse_args()
+    cases = [c for c in PANEL if not args.only or c.name in args.only.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in cases:
+        t = time.perf_counter()
+        model = train(case, args.out)
+        metrics = json.loads((model / "metrics.json").read_text())
+        print(f"{case.name:26s} trained: acc {metrics['acc']:.3f} asr {metrics['asr']} ({time.perf_counter() - t:.0f} s)",
+              flush=True)
+        if args.train_only:
+            continue
+        det_dir = args.out / f"{case.name}_detection{args.tag}"
+        t = time.perf_counter()
+        subprocess.run([BNA, "detect", "--model", str(model), "--out", str(det_dir), "--quiet", *args.detect_arg],
+                       check=True, env=env(), stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - t
+        det = json.loads((det_dir / "detection.json").read_text())
+        row = {**asdict(case), "f_acc": metrics["acc"], "f_asr": metrics["asr"], **judge(case, det),
+               "detected_targets": det["detected_targets"], "sources": det["sources"],
+               "detect_seconds": round(seconds, 1), "evidence": evidence(case, det)}
+        rows.append(row)
+        print(f"{'':26s} {'OK  ' if row['detected'] else 'MISS'} targets {det['detected_targets']} false "
+              f"{row['false_targets']} in {seconds:.0f} s | {row['evidence']}", flush=True)
+    if rows:
+        write_results(rows, args.tag)
+    return 0
+
+
+def write_results(rows: list[dict], tag: str) -> None:
+    poisoned = [r for r in rows if r["attack"] != "none"]
+    clean = [r for r in rows if r["attack"] == "none"]
+    summary = {
+        "poisoned": len(poisoned), "detected": sum(r["detected"] for r in poisoned),
+        "clean": len(clean), "clean_with_a_target": sum(not r["detected"] for r in clean),
+        "false_targets_on_poisoned": sum(len(r["false_targets"]) for r in poisoned),
+        "mean_detect_seconds": round(sum(r["detect_seconds"] for r in rows) / len(rows), 1),
+        "max_detect_seconds": max(r["detect_seconds"] for r in rows),
+        "commit": _commit(),
+    }
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"detect_panel{tag}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
+    lines = ["| model | arch | attack | target | f ACC / ASR | detected | targets found | false targets | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        attack = r["attack"] + ("" if not r["params"] else " " + ",".join(f"{k}={v}" for k, v in r["params"].items()))
+        asr = "-" if r["f_asr"] is None else f"{r['f_asr']:.3f}"
+        target = "-" if r["attack"] == "none" else ("a2a" if r["mode"] == "a2a" else str(r["target"]))
+        lines.append(f"| {r['name']} | {r['arch'].split(':')[-1]} | {attack} | {target} | {r['f_acc']:.3f} / {asr} | "
+                     f"{'yes' if r['detected'] else '**no**'} | {r['detected_targets']} | {r['false_targets'] or '-'} | "
+                     f"{r['detect_seconds']:.0f} |")
+    misses = [r for r in rows if not r["detected"]]
+    lines += ["", f"Poisoned models detected: {summary['detected']} / {summary['poisoned']}; clean models given a "
+              f"target: {summary['clean_with_a_target']} / {summary['clean']}; false targets on poisoned models: "
+              f"{summary['false_targets_on_poisoned']}; detect seconds mean {summary['mean_detect_seconds']}, "
+              f"max {summary['max_detect_seconds']}."]
+    if misses:
+        lines += ["", "Misses:"] + [f"- {r['name']}: {r['evidence']}" for r in misses]
+    (results / f"detect_panel{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _commit() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

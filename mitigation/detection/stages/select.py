@@ -1,0 +1,67 @@
+"""Stage 4, candidate targets: which targets to estimate a trigger for, in which family, from which sources.
+
+Evidence at the level where an attack acts:
+- a *pair* flagged above the pair threshold (an all-to-all backdoor acts on single pairs);
+- a *target* whose column of pair scores is anomalous against the other targets' columns (an
+  all-to-one backdoor shortens every source's way to its target, though each pair may be only
+  moderately short: many sources agreeing on one target is strong evidence).
+A target found by its column alone is estimated from all its sources, and must then show that one
+trigger works for most of them (stage 5's universality test). docs/method.md#4-candidate-targets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bna_gateway.mitigation.detection.config import DetectionConfig
+from bna_gateway.mitigation.detection.records import PairRecord, TargetEvidence
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A target to estimate: its family, the sources the joint estimate is fitted on, the source whose
+    pair is the smallest (estimated alone for the all-to-all test), and the other families in which
+    it is anomalous too (estimated there as well)."""
+
+    target: int
+    family: str
+    sources: list[int]
+    smallest: int | None
+    score: float
+    by_column: bool  # found by its column alone, no pair flagged
+    other_families: list[str] = field(default_factory=list)
+
+
+def select_candidates(records: list[PairRecord], evidence: dict[str, TargetEvidence], present: list[int],
+                      cfg: DetectionConfig) -> list[Candidate]:
+    """The candidate targets, in increasing order."""
+    flagged: dict[int, list[PairRecord]] = {}
+    for r in records:
+        if r.flagged:
+            flagged.setdefault(r.target, []).append(r)
+    by_column = {t for ev in evidence.values() for t in ev.flagged_targets(cfg.target_threshold)}
+    out = []
+    for t in sorted(set(flagged) | by_column):
+        anomalous = _families(t, flagged.get(t, []), evidence, cfg)
+        if t in flagged:
+            recs = flagged[t]
+            fam = max(recs[0].by_family, key=lambda f: sum(r.by_family[f].score for r in recs))
+            sources = sorted(r.source for r in recs)
+            smallest = min(recs, key=lambda r: r.by_family[fam].size).source if len(recs) > 1 else None
+            score = max(r.score for r in recs)
+        else:
+            fam = max(anomalous, key=lambda f: evidence[f].score[t])
+            column = [r for r in records if r.target == t and r.source in present]
+            sources = sorted(r.source for r in column)
+            smallest = min(column, key=lambda r: r.by_family[fam].size).source
+            score = evidence[fam].score[t]
+        out.append(Candidate(t, fam, sources, smallest, float(score), t not in flagged,
+                             sorted(f for f in anomalous if f != fam)))
+    return out
+
+
+def _families(target: int, recs: list[PairRecord], evidence: dict[str, TargetEvidence],
+              cfg: DetectionConfig) -> list[str]:
+    """The families in which this target is anomalous: a flagged pair, or its column."""
+    fams = {f for r in recs for f, e in r.by_family.items() if e.score > cfg.threshold}
+    fams |= {f for f, ev in evidence.items() if ev.score[target] > cfg.target_threshold}
+    return sorted(fams)

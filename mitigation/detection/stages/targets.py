@@ -1,0 +1,53 @@
+"""Stage 1a, the target scan: one universal trigger per target class, from all its candidate sources at once.
+
+Neural Cleanse's question, in each trigger family: how small a trigger sends *every* other class to t?
+An all-to-one backdoor's trigger does, so its target's universal trigger is about as small as its
+pairs' triggers; a class that is merely easy to reach needs a different change for each source, and
+its universal trigger is far larger than its pairs'. K groups instead of K(K-1), so it scales with the
+number of classes. The universal triggers serve twice: as evidence at the level where an all-to-one
+attack acts (stage 3), and as donors that tighten the pairs they work on (stage 2).
+docs/method.md#1a-target-scan.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from bna_gateway.mitigation.detection.config import DetectionConfig
+from bna_gateway.mitigation.detection.reverse import ReverseResult
+from bna_gateway.mitigation.detection.suspect import Suspect
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetScan:
+    """One family's universal trigger for each target (``result`` aligned with ``targets``)."""
+
+    targets: list[int]
+    sources: list[list[int]]
+    result: ReverseResult
+
+    @property
+    def family(self) -> str:
+        return self.result.family.name
+
+    def size_of(self) -> dict[int, float]:
+        return {t: float(s) for t, s in zip(self.targets, self.result.size.tolist())}
+
+
+def scan_targets(suspect: Suspect, cfg: DetectionConfig) -> tuple[dict[str, TargetScan], dict[str, float]]:
+    """Every family's target scan, and the seconds each took (``targets_<family>``)."""
+    present = suspect.present
+    targets = list(range(suspect.num_classes))
+    sources = [[c for c in present if c != t] for t in targets]
+    scans: dict[str, TargetScan] = {}
+    timings: dict[str, float] = {}
+    for fam in cfg.families:
+        start = time.perf_counter()
+        result = suspect.reverse(sources, targets, fam, cfg.target, desc=f"targets/{fam.name}")
+        timings[f"targets_{fam.name}"] = time.perf_counter() - start
+        scans[fam.name] = TargetScan(targets, sources, result)
+        log.info("%s: %d universal triggers in %.1f s", fam.name, len(targets), timings[f"targets_{fam.name}"])
+    return scans, timings
