@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     ap.add_argument("--rebuild", action="store_true", help="re-run 'bna mitigate' even where a bundle exists")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr,
+                    help="learning rate of FT, FP, NC and FT-SAM (default BackdoorBench's 0.01)")
     ap.add_argument("--commit", default=None, help="the commit to record (default: git's HEAD, '+dirty' if changed)")
     ap.add_argument("--smoke", action="store_true",
                     help="a plumbing check: 2 epochs, 5 ANP iterations, 2 STRIP copies (figures meaningless)")
@@ -79,7 +81,7 @@ def main() -> None:
     doc: dict[str, Any] = {"commit": args.commit or _commit(), "rows": [], "detectors": []}
     details: dict[str, Any] = {"commit": doc["commit"], "seed": args.seed, "host": _host(), "settings": [],
                                "false_alarm_budget": FALSE_ALARM_BUDGET, "command": _command(args),
-                               "hyper_parameters": _hyper_parameters(args.seed)}
+                               "hyper_parameters": _hyper_parameters(args.seed, args.finetune_lr)}
     complete = len(settings) == len(ATTACKS) + len(SMALL_CLEAN)
     if args.smoke:
         details["smoke"] = True
@@ -153,8 +155,7 @@ def run_setting(attack: str, per_class: int, defences: list[str], detectors: lis
     for name in defences:
         torch.manual_seed(args.seed)
         t0, c0 = time.perf_counter(), time.process_time()
-        repaired = _defend(name, clf, clean.x.to(device), clean.y.to(device), triggers, args.seed, not args.quiet,
-                           args.smoke)
+        repaired = _defend(name, clf, clean.x.to(device), clean.y.to(device), triggers, args)
         m = metrics(repaired.model.eval())
         seconds = round(time.perf_counter() - t0, 1)
         d = der(vanilla, m)
@@ -172,9 +173,11 @@ def run_setting(attack: str, per_class: int, defences: list[str], detectors: lis
     return rows, dets, info
 
 
-def _defend(name: str, clf: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: list[nn.Module], seed: int,
-            progress: bool, smoke: bool = False) -> Repaired:
-    cfg = FinetuneConfig(seed=seed, progress=progress, epochs=2 if smoke else FinetuneConfig.epochs)
+def _defend(name: str, clf: nn.Module, x: torch.Tensor, y: torch.Tensor, triggers: list[nn.Module],
+            args: argparse.Namespace) -> Repaired:
+    seed, progress, smoke = args.seed, not args.quiet, args.smoke
+    cfg = FinetuneConfig(seed=seed, progress=progress, epochs=2 if smoke else FinetuneConfig.epochs,
+                         lr=args.finetune_lr)
     if name == "ft":
         return ft.defend(clf, x, y, cfg)
     if name == "fp":
@@ -264,8 +267,8 @@ def faithfulness_checks(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _hyper_parameters(seed: int) -> dict[str, Any]:
-    cfg = FinetuneConfig(seed=seed)
+def _hyper_parameters(seed: int, lr: float) -> dict[str, Any]:
+    cfg = FinetuneConfig(seed=seed, lr=lr)
     return {"finetune": asdict(cfg), "batch_at_50_per_class": cfg.batch_size(500),
             "batch_at_10_per_class": cfg.batch_size(100), "fp": asdict(fp.PruneConfig()),
             "nc": asdict(nc.UnlearnConfig()), "anp": asdict(anp.ANPConfig(seed=seed)),

@@ -124,6 +124,7 @@ def test_anp_prunes_the_neurons_that_carry_the_backdoor(badnet: tm.TinyModel) ->
     acc, asr = _acc_asr(out.model, badnet)
     assert asr < 0.5 and acc > 0.9, (acc, asr, out.info)
     assert 0 < out.info["pruned_neurons"] < out.info["neurons"] // 4
+    assert out.info["clean_acc_after"] >= 0.9 * out.info["clean_acc_before"]  # the threshold's accuracy rule
     assert _unchanged(before, badnet.classifier)
 
 
