@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--rebuild", action="store_true", help="re-run 'bna mitigate' even where a bundle exists")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr,
-                    help="learning rate of FT, FP, NC and FT-SAM (default BackdoorBench's 0.01)")
+                    help="learning rate of FT, FP, NC and FT-SAM (default 0.1: BackdoorBench's 0.01 scaled to the "
+                         "lab's training lr; 0.01 is BackdoorBench's absolute value)")
     ap.add_argument("--commit", default=None, help="the commit to record (default: git's HEAD, '+dirty' if changed)")
     ap.add_argument("--smoke", action="store_true",
                     help="a plumbing check: 2 epochs, 5 ANP iterations, 2 STRIP copies (figures meaningless)")

@@ -88,7 +88,7 @@ def test_ft_learns_from_the_defenders_clean_images(badnet: tm.TinyModel) -> None
     with tm.one_thread():
         out = ft.defend(damaged, badnet.data.clean.x, badnet.data.clean.y, FinetuneConfig(epochs=20))
     assert _acc_asr(out.model, badnet)[0] > 0.9
-    assert out.info == {"epochs": 20, "lr": 0.01, "batch": 32, "steps": 40}  # 60 images: batch 32, 2 steps
+    assert out.info == {"epochs": 20, "lr": 0.1, "batch": 32, "steps": 40}  # 60 images: batch 32, 2 steps
 
 
 def test_fp_prunes_the_least_active_channels_within_its_tolerance_and_they_stay_pruned(badnet: tm.TinyModel) -> None:

@@ -6,11 +6,12 @@
    time, while clean accuracy stays within 10 % (relative) of the unpruned model's.
 3. Fine-tune the pruned network (mask kept) as ``ft`` does.
 
-Hyper-parameters: BackdoorBench's ``fp`` defaults (SCLBD/BackdoorBench ``config/defense/fp/cifar10.yaml``:
-``once_prune_ratio 0.01``, ``acc_ratio 0.1``, then SGD lr 0.01 / cosine / 100 epochs as for ``ft``),
-with the fine-tuning scaled as ``common.FinetuneConfig`` says. One deliberate difference: BackdoorBench
-measures the accuracy that stops the pruning on the *test* split; a defender has only its clean set,
-so here it is measured on the defender's clean images. Seeded by ``FinetuneConfig.seed``.
+Hyper-parameters: BackdoorBench's ``fp`` defaults (SCLBD/BackdoorBench
+``config/defense/fp/cifar10.yaml``: ``once_prune_ratio 0.01``, ``acc_ratio 0.1``, then SGD / cosine / 100
+epochs as for ``ft``), with the fine-tuning scaled as ``common.FinetuneConfig`` says (lr 0.1 for models
+trained at 0.1). One deliberate difference: BackdoorBench measures the accuracy that stops the pruning on
+the *test* split; a defender has only its clean set, so here it is measured on the defender's clean
+images. Seeded by ``FinetuneConfig.seed``.
 """
 from __future__ import annotations
 

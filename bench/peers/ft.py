@@ -2,8 +2,9 @@
 
 Hyper-parameters: BackdoorBench's ``ft`` defaults (SCLBD/BackdoorBench ``config/defense/ft/config.yaml``:
 SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine annealing, 100 epochs, batch 256 on 2,500 clean
-images), scaled to our clean set as ``common.FinetuneConfig`` says: 100 epochs of 10 steps, batch = a
-tenth of the clean set (at least 32). Seeded by ``FinetuneConfig.seed``.
+images), scaled as ``common.FinetuneConfig`` says: 100 epochs of 10 steps, batch = a tenth of the clean
+set (at least 32), lr 0.1 (BackdoorBench's 0.01 is the rate its models are trained at; ours are trained
+at 0.1). Seeded by ``FinetuneConfig.seed``.
 """
 from __future__ import annotations
 

@@ -5,11 +5,12 @@ Each step perturbs the weights towards higher loss within an adaptive (ASAM) bal
 base optimiser with it; labels are smoothed. BatchNorm running statistics are updated by the first of
 the two forward passes only.
 
-Hyper-parameters: BackdoorBench's ``ft-sam`` defaults (SCLBD/BackdoorBench ``config/defense/ft-sam/config.yaml``
-and ``defense/ft-sam.py``: ``rho_max = rho_min = 2.0``, adaptive SAM on, ``label_smoothing 0.1``, base
-optimiser SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine annealing, 100 epochs, batch 256 on 5 %
-of CIFAR-10), the tuning scaled as ``common.FinetuneConfig`` says. Two forward and backward passes a
-step: twice the cost of ``ft``. Seeded by ``FinetuneConfig.seed``.
+Hyper-parameters: BackdoorBench's ``ft-sam`` defaults (SCLBD/BackdoorBench ``config/defense/ft-
+sam/config.yaml`` and ``defense/ft-sam.py``: ``rho_max = rho_min = 2.0``, adaptive SAM on,
+``label_smoothing 0.1``, base optimiser SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine annealing,
+100 epochs, batch 256 on 5 % of CIFAR-10), the tuning scaled as ``common.FinetuneConfig`` says (lr 0.1
+for models trained at 0.1). Two forward and backward passes a step: twice the cost of ``ft``. Seeded by
+``FinetuneConfig.seed``.
 """
 from __future__ import annotations
 

@@ -8,10 +8,10 @@ beside the bundle): the same flagged targets and trigger estimates BNA's twins a
 
 Unlearning set, as BackdoorBench's ``nc`` builds it (SCLBD/BackdoorBench ``defense/nc.py`` with
 ``config/defense/nc/config.yaml``: ``unlearning_ratio 0.2``): a seeded 80 % of the clean images as they
-are, plus, for every flagged target, the other 20 % stamped with that target's trigger, labels
-unchanged. Then fine-tuning with BackdoorBench's defaults (SGD lr 0.01, cosine, 100 epochs) scaled as
-``common.FinetuneConfig`` says. No flagged target: the model is returned unchanged (as BackdoorBench
-does when NC finds no backdoor). Seeded by ``FinetuneConfig.seed``.
+are, plus, for every flagged target, the other 20 % stamped with that target's trigger, labels unchanged.
+Then fine-tuning with BackdoorBench's defaults (SGD, cosine, 100 epochs) scaled as
+``common.FinetuneConfig`` says (lr 0.1 for models trained at 0.1). No flagged target: the model is
+returned unchanged (as BackdoorBench does when NC finds no backdoor). Seeded by ``FinetuneConfig.seed``.
 """
 from __future__ import annotations
 

@@ -56,9 +56,10 @@ def markdown(doc: dict[str, Any], details: dict[str, Any]) -> str:
     if details.get("smoke"):
         out += ["**Smoke run** (`--smoke`: 2 epochs, 5 ANP iterations, 2 STRIP copies): a plumbing check, "
                 "not a measurement.", ""]
-    lr = details.get("hyper_parameters", {}).get("finetune", {}).get("lr", 0.01)
-    if lr != 0.01:
-        out += [f"**Fine-tuning lr {lr}** (`--finetune-lr`) for FT, FP, NC and FT-SAM, not BackdoorBench's 0.01.", ""]
+    lr = details.get("hyper_parameters", {}).get("finetune", {}).get("lr")
+    if lr is not None:
+        out += [f"Fine-tuning lr of FT, FP, NC and FT-SAM: {lr} (`--finetune-lr`; the default 0.1 is BackdoorBench's "
+                "0.01 scaled to the lab's training lr).", ""]
     if details.get("partial"):
         out += [f"**Partial run**: {details['partial']}", ""]
 
