@@ -268,6 +268,55 @@ def success_rate(model: nn.Module, x: torch.Tensor, pools: Pools | torch.Tensor,
     return hits / length
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """A fixed slice of one ``reverse_engineer`` call's groups, optimised as one batch: the unit of work
+    that runs here or on a worker (``sharding.py``). Its groups' generators are seeded afresh from
+    ``seeds``, so a chunk's result depends on nothing but the chunk."""
+
+    pools: Pools
+    targets: torch.Tensor  # [g] or a per-class mapping [g, K]
+    seeds: list[int]  # group_seed of each group
+
+    def generators(self) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in self.seeds]
+
+
+def plan_chunks(y: torch.Tensor, groups: list[list[int]], targets: list[int] | torch.Tensor, family: TriggerFamily,
+                cfg: ReverseConfig) -> list[Chunk]:
+    """The canonical chunks of a call: ``per_chunk`` groups each, so that one pass holds at most
+    ``max_images_per_pass`` images; the same whoever runs them."""
+    pools = group_pools(y.cpu(), groups)
+    tgt = torch.as_tensor(targets, dtype=torch.long)
+    seeds = [group_seed(cfg.seed, family, g, t.tolist()) for g, t in zip(groups, tgt)]
+    per_chunk = max(1, cfg.max_images_per_pass // max(1, min(cfg.images_per_group, int(pools.length.min()))))
+    return [Chunk(pools.rows(s, s + per_chunk), tgt[s : s + per_chunk], seeds[s : s + per_chunk])
+            for s in range(0, len(groups), per_chunk)]
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """The model as every optimisation needs it: evaluation mode, no gradient for its weights."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def run_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: Chunk, family: TriggerFamily,
+              cfg: ReverseConfig, bar: tqdm) -> tuple[ReverseResult, int]:
+    """One chunk's kept triggers (on the CPU) and its number of group-steps."""
+    return _run_chunk(model, x, y, chunk.pools, chunk.targets, family, cfg, chunk.generators(), bar)
+
+
+def merge_results(family: TriggerFamily, results: list[ReverseResult]) -> ReverseResult:
+    """The chunks' results, concatenated in chunk order (= group order)."""
+    return ReverseResult(
+        family,
+        torch.cat([r.size for r in results]),
+        torch.cat([r.asr for r in results]),
+        {k: torch.cat([r.tensors[k] for r in results]) for k in results[0].tensors},
+    )
+
+
 def reverse_engineer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups: list[list[int]],
                      targets: list[int] | torch.Tensor, family: TriggerFamily, cfg: ReverseConfig,
                      desc: str = "reverse") -> ReverseResult:
@@ -278,26 +327,13 @@ def reverse_engineer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups:
     group's random draws come from its own seed (``group_seed``), so the result of a group does not
     depend on the others.
     """
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    pools = group_pools(y.cpu(), groups)
-    tgt = torch.as_tensor(targets, dtype=torch.long)
-    generators = [torch.Generator().manual_seed(group_seed(cfg.seed, family, g, t.tolist()))
-                  for g, t in zip(groups, tgt)]
-    per_chunk = max(1, cfg.max_images_per_pass // max(1, min(cfg.images_per_group, int(pools.length.min()))))
-    n_chunks = (len(groups) + per_chunk - 1) // per_chunk
+    freeze(model)
+    chunks = plan_chunks(y, groups, targets, family, cfg)
     results, group_steps = [], 0
-    with tqdm(total=cfg.steps * n_chunks, desc=desc, unit="step", disable=not cfg.progress) as bar:
-        for s in range(0, len(groups), per_chunk):
-            r, n = _run_chunk(model, x, y, pools.rows(s, s + per_chunk), tgt[s : s + per_chunk], family, cfg,
-                              generators[s : s + per_chunk], bar)
+    with tqdm(total=cfg.steps * len(chunks), desc=desc, unit="step", disable=not cfg.progress) as bar:
+        for chunk in chunks:
+            r, n = run_chunk(model, x, y, chunk, family, cfg, bar)
             results.append(r)
             group_steps += n
     log.debug("%s: %d groups, %d group-steps of %d", desc, len(groups), group_steps, cfg.steps * len(groups))
-    return ReverseResult(
-        family,
-        torch.cat([r.size for r in results]),
-        torch.cat([r.asr for r in results]),
-        {k: torch.cat([r.tensors[k] for r in results]) for k in results[0].tensors},
-    )
+    return merge_results(family, results)
