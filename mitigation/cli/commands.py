@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bna_gateway.mitigation.bna.config import BNAConfig
 from bna_gateway.mitigation.detection.config import DetectionConfig
+from bna_gateway.mitigation.detection.sharding import Sharding
 from bna_gateway.mitigation.jobs.options import RunOptions
 from bna_gateway.mitigation.modeldir import ByoModel, ModelSource
 
@@ -67,6 +68,13 @@ def detection_config(args: argparse.Namespace) -> DetectionConfig:
     return cfg
 
 
+def sharding(args: argparse.Namespace) -> Sharding:
+    """``--ray``, ``--ray-workers`` and ``--threads``."""
+    if args.ray_workers is not None and args.ray is None:
+        raise ValueError("--ray-workers needs --ray (auto, local or the head's address)")
+    return Sharding(ray=args.ray, workers=args.ray_workers, threads=args.threads)
+
+
 def bna_config(args: argparse.Namespace) -> BNAConfig:
     given = {"steps": args.bna_steps, "lr": args.bna_lr, "warmup": args.bna_warmup}
     return BNAConfig(divergence=args.divergence, progress=not args.quiet,
@@ -91,7 +99,8 @@ def detect(args: argparse.Namespace) -> int:
     from bna_gateway.mitigation.detection.table import scores_table
     from bna_gateway.mitigation.jobs.detect import DetectOptions, detect as detect_job
 
-    outcome = detect_job(DetectOptions(model_source(args), args.out, detection_config(args), run_options(args)))
+    outcome = detect_job(DetectOptions(model_source(args), args.out, detection_config(args), run_options(args),
+                                       sharding(args)))
     r = outcome.result
     print(scores_table(r))
     print(json.dumps({"detected_targets": r.detected_targets, "sources": {str(t): s for t, s in r.sources.items()},
@@ -103,7 +112,7 @@ def mitigate(args: argparse.Namespace) -> int:
     from bna_gateway.mitigation.jobs.mitigate import MitigateOptions, mitigate as mitigate_job
 
     opts = MitigateOptions(model_source(args), args.out, args.detection, detection_config(args), bna_config(args),
-                           run_options(args))
+                           run_options(args), sharding(args))
     outcome = mitigate_job(opts)
     if outcome.detection_path is not None:
         print(f"detection written to {outcome.detection_path}")

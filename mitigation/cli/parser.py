@@ -65,6 +65,16 @@ def _add_detection(p: argparse.ArgumentParser, steps_flag: str) -> None:
                         "(an easy source is not flagged towards every class); auto = source from 5 classes up")
     p.add_argument(steps_flag, dest="detect_steps", type=POSITIVE_INT, default=None,
                    help="detection's optimisation steps per pair (default 300)")
+    g = p.add_argument_group("sharding detection's optimisations (docs/scaling.md)")
+    g.add_argument("--ray", metavar="auto|local|ADDRESS", default=None,
+                   help="run the trigger optimisations on Ray actors: auto = the cluster RAY_ADDRESS or a running "
+                        "local head names (else a new one here), local = a new one here, or the head's address "
+                        "(HOST:6379, ray://HOST:10001); needs pip install 'bna-gateway[ray]'")
+    g.add_argument("--ray-workers", type=POSITIVE_INT, default=None,
+                   help="Ray actors (default: one per GPU on CUDA, else one per --threads CPUs of the cluster)")
+    g.add_argument("--threads", type=POSITIVE_INT, default=None,
+                   help="torch CPU threads of every optimisation, here and on each Ray actor (default: this "
+                        "process's); runs with the same value give the same detection.json")
 
 
 def _add_bna(p: argparse.ArgumentParser) -> None:
@@ -81,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a clean or poisoned classifier (the attack lab)")
-    p.add_argument("--dataset", required=True, help="mnist5k, digits8x8, synthetic, cifar10 or imagefolder")
+    p.add_argument("--dataset", required=True, help="mnist5k, digits100, digits8x8, synthetic, cifar10 or imagefolder")
     p.add_argument("--data-root", type=Path, help="folder for cifar10 / imagefolder")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--width", type=POSITIVE_INT, default=None, help="width base (resnet18 default 16 on small inputs)")
@@ -94,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=POSITIVE_INT, default=None)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=128)
     p.add_argument("--lr", type=POSITIVE_FLOAT, default=0.1)
-    p.add_argument("--clean-per-class", type=POSITIVE_INT, default=50, help="defender's clean images per class")
+    p.add_argument("--clean-per-class", type=POSITIVE_INT, default=None,
+                   help="defender's clean images per class (default 50; digits100: 20)")
     p.add_argument("--out", type=Path, required=True)
     _add_common(p)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from bna_gateway.mitigation.bna import BNAConfig, TwinFit, fit_twin
 from bna_gateway.mitigation.detection import DetectionConfig, DetectionResult, TargetTrigger
 from bna_gateway.mitigation.detection.io import read_detection, write_detection
+from bna_gateway.mitigation.detection.sharding import Sharding
 from bna_gateway.mitigation.imagefolder import ImageSet
 from bna_gateway.mitigation.jobs.detect import run_detection
 from bna_gateway.mitigation.jobs.options import RunOptions
@@ -25,6 +26,7 @@ class MitigateOptions:
     detection: DetectionConfig = DetectionConfig()
     bna: BNAConfig = BNAConfig()
     run: RunOptions = RunOptions()
+    sharding: Sharding = Sharding()  # detection's optimisations in this process, or on Ray (docs/scaling.md)
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ def mitigate(opts: MitigateOptions) -> MitigateOutcome:
     if opts.detection_file is not None:
         detection = read_detection(opts.detection_file)
     else:
-        detection = run_detection(model, clean, opts.detection, opts.run)
+        detection = run_detection(model, clean, opts.detection, opts.run, opts.sharding)
         written = write_detection(detection, out.parent / f"{out.name}_detection")
         log.info("detection written to %s", written)
     manifest, twins = build_bundle(model, clean, detection, opts.bna, out, opts.run)
