@@ -163,8 +163,19 @@ def test_compose_passes_only_real_gateway_settings(compose):
     fields = {f"BNA_{name.upper()}" for name in Settings.model_fields}
     env = compose["services"]["gateway"]["environment"]
     names = [e.split("=")[0] for e in env] if isinstance(env, list) else list(env)
-    assert names and set(names) <= fields, sorted(set(names) - fields)
+    settings = [n for n in names if n != "PYTHONPATH"]
+    assert settings and set(settings) <= fields, sorted(set(settings) - fields)
     assert not {"BNA_HOST", "BNA_PORT", "BNA_BUNDLE"} & set(names), "the command line sets these"
+
+
+def test_compose_gateways_import_a_bring_your_own_architecture_from_where_mitigate_did(compose):
+    """A bundle built by the `mitigate` job from --arch pkg.module:factory names an import path: the
+    gateways mount the same model folder on the same PYTHONPATH."""
+    services = compose["services"]
+    mitigate_path = services["mitigate"]["environment"]["PYTHONPATH"]
+    gateway_env = dict(e.split("=", 1) for e in services["gateway"]["environment"] if "=" in e)
+    assert gateway_env["PYTHONPATH"] == mitigate_path
+    assert volume_mounts(services["gateway"])[mitigate_path] == volume_mounts(services["mitigate"])[mitigate_path]
 
 
 def job_script(runtime: Stage, entrypoint: list[str]) -> Path:
