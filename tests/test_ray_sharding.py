@@ -25,7 +25,6 @@ from bna_gateway.mitigation.detection.reverse import reverse_engineer
 from bna_gateway.mitigation.detection.sharding import RayOptimiser, Sharding, torch_threads
 from bna_gateway.mitigation.jobs.detect import DetectOptions, detect
 from bna_gateway.mitigation.jobs.options import RunOptions
-from bna_gateway.mitigation.lab.attacks import AttackSpec
 from bna_gateway.mitigation.modeldir import ModelSource, save_model_dir
 from bna_gateway.mitigation.triggers import PATCH
 

@@ -166,6 +166,7 @@ class RayOptimiser:
         self._stop()
         ray = _ray()
         n = self.workers or self._default_workers()
+        self._warn_if_waiting(n)
         # one copy of the model and the clean set in the object store, fetched once by each actor
         refs = [ray.put(freeze(copy.deepcopy(model)).cpu()), ray.put(x.detach().cpu()), ray.put(y.cpu())]
         resources = {"num_gpus": 1, "num_cpus": 1} if self.gpu else {"num_cpus": self.threads}
@@ -190,6 +191,14 @@ class RayOptimiser:
             raise RuntimeError(f"an actor needs {self.threads} CPUs (--threads) and the Ray cluster has "
                                f"{res.get('CPU', 0):g}: lower --threads")
         return n
+
+    def _warn_if_waiting(self, n: int) -> None:
+        """Actors that the cluster cannot hold now wait for resources (an autoscaler may add them)."""
+        res = _ray().cluster_resources()
+        kind, each = ("GPU", 1) if self.gpu else ("CPU", self.threads)
+        if n * each > res.get(kind, 0):
+            log.warning("Ray: %d actors need %d %ss, the cluster has %g now: some wait until it grows",
+                        n, n * each, kind, res.get(kind, 0))
 
     def _stop(self) -> None:
         ray = _ray()
