@@ -67,11 +67,18 @@ def main() -> None:
     ap.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr,
                     help="learning rate of FT, FP, NC and FT-SAM (default 0.1: BackdoorBench's 0.01 scaled to the "
                          "lab's training lr; 0.01 is BackdoorBench's absolute value)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite peers.md and the figures from <out>/peers.json and peers_details.json only")
     ap.add_argument("--commit", default=None, help="the commit to record (default: git's HEAD, '+dirty' if changed)")
     ap.add_argument("--smoke", action="store_true",
                     help="a plumbing check: 2 epochs, 5 ANP iterations, 2 STRIP copies (figures meaningless)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.report_only:
+        doc = json.loads((args.out / "peers.json").read_text())
+        write_outputs(doc, json.loads((args.out / "peers_details.json").read_text()), args.out)
+        print(f"peers: rewrote {args.out}/peers.md and the figures")
+        return
     attacks = _pick(args.attacks, ATTACKS, "attack")
     sizes = [int(s) for s in args.clean_sizes.split(",") if s]
     settings = [(a, pc) for a in attacks for pc in (50, 10) if pc in sizes and (pc == 50 or a in SMALL_CLEAN)]

@@ -61,7 +61,8 @@ def markdown(doc: dict[str, Any], details: dict[str, Any]) -> str:
         out += [f"Fine-tuning lr of FT, FP, NC and FT-SAM: {lr} (`--finetune-lr`; the default 0.1 is BackdoorBench's "
                 "0.01 scaled to the lab's training lr).", ""]
     if details.get("partial"):
-        out += [f"**Partial run**: {details['partial']}", ""]
+        measured = [f"{a}@{pc}" for a, pc in _settings(rows)]
+        out += [f"**Partial run**: measured {measured}; asked for {details['partial']}", ""]
 
     out += ["## DER per attack (best per row in bold)", "",
             "| attack | " + " | ".join(LABELS[d] for d in defences if d != "vanilla") + " |",
