@@ -30,9 +30,9 @@ def families_for(trigger_type: str) -> tuple[TriggerFamily, ...]:
 class ReverseConfig:
     """The batched reverse-engineering optimiser (Neural Cleanse's objective, one trigger per group)."""
 
-    steps: int = 300
-    images_per_group: int = 6
-    lr_patch: float = 0.1
+    steps: int = 80
+    images_per_group: int = 4
+    lr_patch: float = 0.2
     lr_perturbation: float = 0.02
     lr_warp: float = 0.05  # control-point displacement, pixels per step
     init_lambda: float = 0.05
@@ -41,6 +41,8 @@ class ReverseConfig:
     patience: int = 5
     success_threshold: float = 0.9
     max_images_per_pass: int = 512
+    # a kept trigger's success is measured on at most this many of its group's images (evenly spaced)
+    success_images: int = 512
     seed: int = 0
     progress: bool = True
     # perturbation and warp families: scale each kept trigger by the smallest of these factors that makes it
@@ -71,13 +73,23 @@ class DetectionConfig:
     # then has enough targets for its median), else "plain"
     statistic: str = "auto"
     pair: ReverseConfig = field(default_factory=ReverseConfig)
-    # the target scan: one universal trigger per target from all its sources (docs/method.md#1a-target-scan)
-    target: ReverseConfig = field(default_factory=lambda: ReverseConfig(steps=150, images_per_group=16))
+    # the target scan: one universal trigger per target from all its sources (docs/method.md#1-target-scan-and-pair-scan)
+    target: ReverseConfig = field(default_factory=lambda: ReverseConfig(steps=80, images_per_group=12))
     # a target whose column of pair scores has a robust z-score above this against the other targets'
     # columns is a candidate even when none of its pairs is flagged
     target_threshold: float = DEFAULT_TARGET_THRESHOLD
     # such a target is kept only when one trigger works for at least this fraction of its sources
     universal_sources: float = 0.5
+    # with at least this many classes, the universal triggers' sizes are a test of their own (Neural
+    # Cleanse's, against the other targets'); with fewer, the MAD of so few sizes is too unstable
+    universal_test_classes: int = 20
+    # many classes: beyond this many ordered pairs, only each source's ``pairs_per_source`` most likely
+    # targets (those whose universal triggers send most of its images there) are scanned as pairs
+    max_pairs: int = 500
+    pairs_per_source: int = 2
+    # screens that stamp all K universal triggers on clean images (transfer, the pair choice above) look
+    # at about this many images in all (an equal share per class), so their cost grows with K, not K^2
+    screen_images: int = 1000
     reestimate_steps: int = 300
     reestimate_images: int = 24
     # all-to-all false-pair test: a joint trigger this much larger than the smallest pair's alone (re-estimated

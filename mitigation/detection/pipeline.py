@@ -54,7 +54,7 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     suspect = Suspect(model, x, y, num_classes, optimiser)
     start = time.perf_counter()
     universal, timings = scan_targets(suspect, cfg)
-    scans, pair_timings = scan_pairs(suspect, cfg)
+    scans, pair_timings = scan_pairs(suspect, cfg, universal)
     timings.update(pair_timings)
     t = time.perf_counter()
     scans, transferred = transfer_triggers(suspect, scans, universal, cfg)

@@ -32,25 +32,29 @@ class FamilyEvidence:
 @dataclass(frozen=True)
 class TargetEvidence:
     """One family's evidence per target class (lists indexed by class): the median pair score of its
-    column, that median's robust z-score against the other targets' (``score``), and the universal
-    trigger of the target scan (size, success on the pooled sources)."""
+    column, the universal trigger of the target scan (size, success on the pooled sources), each scored
+    against the other targets' (``column_score``, ``universal_score``), and the target's ``score``."""
 
     column: list[float]
     score: list[float]
     universal_size: list[float]
     universal_asr: list[float]
+    column_score: list[float] = field(default_factory=list)
+    universal_score: list[float] = field(default_factory=list)
 
     def flagged_targets(self, threshold: float) -> list[int]:
         return [t for t, z in enumerate(self.score) if z > threshold]
 
     def as_dict(self) -> dict[str, list[float]]:
         return {"column": self.column, "score": self.score, "universal_size": self.universal_size,
-                "universal_asr": self.universal_asr}
+                "universal_asr": self.universal_asr, "column_score": self.column_score,
+                "universal_score": self.universal_score}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TargetEvidence":
-        return cls([float(v) for v in d["column"]], [float(v) for v in d["score"]],
-                   [float(v) for v in d.get("universal_size", [])], [float(v) for v in d.get("universal_asr", [])])
+        floats = lambda key: [float(v) for v in d.get(key, [])]  # noqa: E731
+        return cls(floats("column"), floats("score"), floats("universal_size"), floats("universal_asr"),
+                   floats("column_score"), floats("universal_score"))
 
 
 @dataclass(frozen=True)

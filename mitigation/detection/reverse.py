@@ -5,7 +5,7 @@ Every step draws ``images_per_group`` images of every group, embeds the group's 
 and runs ONE forward/backward through the frozen model for all groups together. Lambda, the weight of
 the trigger-size penalty, adapts per group (Neural Cleanse's schedule) so that attack success stays
 above ``success_threshold`` while the trigger shrinks. The smallest successful trigger is kept.
-docs/method.md#the-pair-stage.
+docs/method.md#detection.
 """
 from __future__ import annotations
 
@@ -50,6 +50,15 @@ class Pools:
 
     def rows(self, start: int, stop: int) -> "Pools":
         return Pools(self.index[start:stop], self.length[start:stop])
+
+    def capped(self, n: int) -> "Pools":
+        """At most ``n`` images of each group, evenly spaced over its pool (all of a smaller pool)."""
+        if int(self.length.max()) <= n:
+            return self
+        length = self.length.clamp(max=n)
+        pos = torch.arange(n).unsqueeze(0) * self.length.unsqueeze(1) // length.unsqueeze(1)
+        pos = torch.minimum(pos, (self.length - 1).unsqueeze(1))
+        return Pools(self.index.gather(1, pos), length)
 
 
 def group_pools(y: torch.Tensor, groups: list[list[int]]) -> Pools:
@@ -202,9 +211,10 @@ def _run_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pools: Pools,
                family: TriggerFamily, cfg: ReverseConfig, generators: list[torch.Generator],
                bar: tqdm) -> tuple[ReverseResult, int]:
     best, group_steps = _optimise_chunk(model, x, y, pools, targets, family, cfg, generators, bar)
-    asr = success_rate(model, x, pools, targets, family, best, cfg, y)
+    check = pools.capped(cfg.success_images)  # a pooled universal trigger's pool can be thousands of images
+    asr = success_rate(model, x, check, targets, family, best, cfg, y)
     if family.scalable and cfg.calibrate_scales:
-        best, asr = calibrate(model, x, y, pools, targets, best, asr, cfg, family)
+        best, asr = calibrate(model, x, y, check, targets, best, asr, cfg, family)
     size = family.size(best)
     # a trigger that does not really succeed on the whole pool is not a small trigger
     size = torch.where(asr >= 0.5, size, torch.full_like(size, float("inf")))

@@ -1,4 +1,4 @@
-"""From trigger sizes to anomaly scores: the pair statistic and the MAD test (docs/method.md#scoring)."""
+"""From trigger sizes to anomaly scores: the pair statistic and the MAD test (docs/method.md#3-scoring)."""
 from __future__ import annotations
 
 import math
@@ -104,3 +104,14 @@ def target_scores(column: torch.Tensor, sources: int) -> torch.Tensor:
     out = torch.zeros_like(col)
     out[finite] = (vals - med) / scale
     return out.float()
+
+
+def universal_scores(size: torch.Tensor) -> torch.Tensor:
+    """[K] Neural Cleanse's anomaly index of each target's universal trigger: the robust z-score of
+    -log(size) against the other targets' (a trigger found for no target counts as the largest found)."""
+    size = size.double()
+    found = torch.isfinite(size) & (size > 0)
+    if int(found.sum()) < 3:
+        return torch.zeros_like(size).float()
+    filled = torch.where(found, size, size[found].max())
+    return mad_scores(-filled.log())

@@ -41,9 +41,19 @@ class Suspect:
         """One trigger per group of source classes, towards its target(s), in one batched optimisation."""
         return self.optimiser(self.model, self.x, self.y, groups, targets, family, cfg, desc=desc)
 
-    def fractions(self, family: TriggerFamily, tensors: Tensors, cfg: ReverseConfig) -> torch.Tensor:
-        """[T, K, K] where each of T triggers sends each class's clean images (CPU)."""
-        return prediction_fractions(self.model, self.x, self.y, self.num_classes, family, tensors, cfg).cpu()
+    def fractions(self, family: TriggerFamily, tensors: Tensors, cfg: ReverseConfig,
+                  per_class: int | None = None) -> torch.Tensor:
+        """[T, K, K] where each of T triggers sends each class's clean images (CPU); with ``per_class``, on
+        the first that many images of each class only."""
+        x, y = (self.x, self.y) if per_class is None else self.subsample(per_class)
+        return prediction_fractions(self.model, x, y, self.num_classes, family, tensors, cfg).cpu()
+
+    def subsample(self, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``per_class`` clean images of each class."""
+        keep = torch.zeros_like(self.y, dtype=torch.bool)
+        for c in self.present:
+            keep[(self.y == c).nonzero(as_tuple=True)[0][:per_class]] = True
+        return self.x[keep], self.y[keep]
 
     def success(self, groups: list[list[int]], targets: torch.Tensor, family: TriggerFamily, tensors: Tensors,
                 cfg: ReverseConfig, per_class_targets: bool = False) -> torch.Tensor:

@@ -1,10 +1,10 @@
-"""Stage 6, domain re-fit: a target's trigger that also moves other classes is re-fitted on its whole domain.
+"""Stage 7, domain re-fit: a target's trigger that also moves other classes is re-fitted on its whole domain.
 
 A trigger estimated from one source class (an all-to-all pair: 50 images) is a partial copy of the
 real one, a few of its pixels. Where it sends its sources to t and each fit class c to some d(c), one
 trigger is fitted to do all of that at once, on every image of the domain (batched over targets, one
 run per family); the real trigger is what does. It replaces the estimate when it works on S(t) as well
-(or at the success threshold). docs/method.md#6-domain-re-fit.
+(or at the success threshold). docs/method.md#7-domain-re-fit.
 """
 from __future__ import annotations
 

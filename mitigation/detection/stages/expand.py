@@ -1,10 +1,10 @@
-"""Stage 5, source expansion: each target's trigger is stamped on every class's clean images.
+"""Stage 6, source expansion: each target's trigger is stamped on every class's clean images.
 
 A class that the trigger sends to its target joins S(t): an all-to-one backdoor's trigger works on every
 class, also on the sources whose pair stayed under the threshold. A class that it sends just as reliably
 to another class t' that is not a target yet makes t' a target with that source and this trigger: an
 all-to-all backdoor's pairs share one trigger, so one found pair reveals a missed one. The classes a
-trigger moves elsewhere become its twin's fit classes. docs/method.md#5-source-expansion.
+trigger moves elsewhere become its twin's fit classes. docs/method.md#6-source-expansion.
 """
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
 """Stage 1, the pair scan: a trigger for every ordered (source, target) pair, in each trigger family.
 
-One batched optimisation per family over all K (K - 1) pairs (``reverse.reverse_engineer``). Each
-family is scored against its own population later: a patch's size (pixels) and a perturbation's
-(L2) live on different scales. docs/method.md#1-pair-scan.
+One batched optimisation per family over the pairs (``reverse.reverse_engineer``). Each family is
+scored against its own population later: a patch's size (pixels) and a perturbation's (L2) live on
+different scales. With many classes (more than ``max_pairs`` ordered pairs) the cost would grow with
+K(K-1): only each source's ``pairs_per_source`` most likely targets are scanned, those whose universal
+triggers (the target scan) send most of its images there, so the cost grows with K.
+docs/method.md#1-target-scan-and-pair-scan.
 """
 from __future__ import annotations
 
@@ -10,8 +13,11 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
 from bna_gateway.mitigation.detection.config import DetectionConfig
 from bna_gateway.mitigation.detection.reverse import ReverseResult
+from bna_gateway.mitigation.detection.stages.targets import TargetScan
 from bna_gateway.mitigation.detection.statistic import all_pairs
 from bna_gateway.mitigation.detection.suspect import Suspect
 
@@ -24,15 +30,37 @@ class PairScan:
 
     pairs: list[tuple[int, int]]
     result: ReverseResult
+    complete: bool = True  # every ordered pair was scanned
 
     @property
     def family(self) -> str:
         return self.result.family.name
 
 
-def scan_pairs(suspect: Suspect, cfg: DetectionConfig) -> tuple[dict[str, PairScan], dict[str, float]]:
-    """Every family's pair scan, and the seconds each took (``pairs_<family>``)."""
+def pairs_to_scan(suspect: Suspect, universal: dict[str, TargetScan], cfg: DetectionConfig
+                  ) -> tuple[list[tuple[int, int]], bool]:
+    """Every ordered pair, or (beyond ``max_pairs``) each source's most likely targets; complete or not."""
     pairs = all_pairs(suspect.num_classes)
+    if len(pairs) <= cfg.max_pairs or not universal:
+        return pairs, True
+    k = suspect.num_classes
+    reach = torch.zeros(k, k)  # [source, target]: how much of the source a universal trigger sends there
+    for scan in universal.values():
+        frac = suspect.fractions(scan.result.family, scan.result.tensors, cfg.pair,
+                                 per_class=max(1, cfg.screen_images // k))
+        reach = torch.maximum(reach, frac[torch.arange(k), :, torch.arange(k)].T)
+    reach.fill_diagonal_(-1.0)
+    top = reach.topk(min(cfg.pairs_per_source, k - 1), dim=1).indices
+    chosen = sorted({(s, int(t)) for s in range(k) for t in top[s].tolist()})
+    log.info("%d classes: scanning %d of %d pairs (each source's %d most reachable targets)", k, len(chosen),
+             len(pairs), cfg.pairs_per_source)
+    return chosen, False
+
+
+def scan_pairs(suspect: Suspect, cfg: DetectionConfig, universal: dict[str, TargetScan] | None = None
+               ) -> tuple[dict[str, PairScan], dict[str, float]]:
+    """Every family's pair scan, and the seconds each took (``pairs_<family>``)."""
+    pairs, complete = pairs_to_scan(suspect, universal or {}, cfg)
     groups, targets = [[s] for s, _ in pairs], [t for _, t in pairs]
     scans: dict[str, PairScan] = {}
     timings: dict[str, float] = {}
@@ -40,6 +68,6 @@ def scan_pairs(suspect: Suspect, cfg: DetectionConfig) -> tuple[dict[str, PairSc
         start = time.perf_counter()
         result = suspect.reverse(groups, targets, fam, cfg.pair, desc=f"pairs/{fam.name}")
         timings[f"pairs_{fam.name}"] = time.perf_counter() - start
-        scans[fam.name] = PairScan(pairs, result)
+        scans[fam.name] = PairScan(pairs, result, complete)
         log.info("%s: %d pairs in %.1f s", fam.name, len(pairs), timings[f"pairs_{fam.name}"])
     return scans, timings

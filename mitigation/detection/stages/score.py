@@ -17,7 +17,7 @@ from bna_gateway.mitigation.detection.config import DetectionConfig
 from bna_gateway.mitigation.detection.records import FamilyEvidence, PairRecord, TargetEvidence
 from bna_gateway.mitigation.detection.stages.scan import PairScan
 from bna_gateway.mitigation.detection.stages.targets import TargetScan
-from bna_gateway.mitigation.detection.statistic import column_evidence, pair_scores, target_scores
+from bna_gateway.mitigation.detection.statistic import column_evidence, pair_scores, target_scores, universal_scores
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def score_pairs(scans: dict[str, PairScan], num_classes: int, cfg: DetectionConf
     pairs: list[tuple[int, int]] = []
     for name, scan in scans.items():
         pairs = scan.pairs
-        stat, score = pair_scores(scan.result.size, scan.pairs, num_classes, cfg.statistic)
+        stat, score = pair_scores(scan.result.size, scan.pairs, num_classes, _statistic(scan, cfg))
         stat = torch.nan_to_num(stat, nan=0.0)
         evidence[name] = [FamilyEvidence(float(st), float(sc), float(a), float(sz)) for st, sc, a, sz in
                           zip(stat.tolist(), score.tolist(), scan.result.asr.tolist(), scan.result.size.tolist())]
@@ -42,18 +42,31 @@ def score_pairs(scans: dict[str, PairScan], num_classes: int, cfg: DetectionConf
     return records
 
 
+def _statistic(scan: PairScan, cfg: DetectionConfig) -> str:
+    """A scan of only some pairs per source has no source median to normalise by: plain 1/size."""
+    return cfg.statistic if scan.complete else "plain"
+
+
 def score_targets(scans: dict[str, PairScan], universal: dict[str, TargetScan], num_classes: int,
                   cfg: DetectionConfig) -> dict[str, TargetEvidence]:
-    """Each family's evidence per target: column of pair scores, its z-score, the universal trigger."""
+    """Each family's evidence per target: its column of pair scores and the universal trigger, each scored
+    against the other targets'; the target's score is the larger of the two (the universal one only
+    with at least ``universal_test_classes`` classes)."""
     out: dict[str, TargetEvidence] = {}
     for name, scan in scans.items():
-        _, score = pair_scores(scan.result.size, scan.pairs, num_classes, cfg.statistic)
+        _, score = pair_scores(scan.result.size, scan.pairs, num_classes, _statistic(scan, cfg))
         column = column_evidence(score, scan.pairs, num_classes)
-        z = target_scores(column, num_classes - 1)
+        column_z = target_scores(column, num_classes - 1)
         uni = universal.get(name)
-        size = uni.result.size.tolist() if uni is not None else [float("nan")] * num_classes
-        asr = uni.result.asr.tolist() if uni is not None else [float("nan")] * num_classes
-        out[name] = TargetEvidence([round(float(v), 4) for v in column.tolist()], [round(float(v), 4) for v in z.tolist()],
-                                   size, asr)
-        log.info("%s: target column scores %s", name, " ".join(f"{v:.1f}" for v in z.tolist()))
+        size = uni.result.size if uni is not None else torch.full((num_classes,), float("nan"))
+        asr = uni.result.asr if uni is not None else torch.full((num_classes,), float("nan"))
+        universal_z = universal_scores(size)
+        combined = torch.maximum(column_z, universal_z) if num_classes >= cfg.universal_test_classes else column_z
+        out[name] = TargetEvidence(_rounded(column), _rounded(combined), size.tolist(), asr.tolist(),
+                                   _rounded(column_z), _rounded(universal_z))
+        log.info("%s: target scores %s", name, " ".join(f"{v:.1f}" for v in combined.tolist()))
     return out
+
+
+def _rounded(values: torch.Tensor) -> list[float]:
+    return [round(float(v), 4) for v in values.tolist()]

@@ -48,11 +48,11 @@ def select_candidates(records: list[PairRecord], evidence: dict[str, TargetEvide
             sources = sorted(r.source for r in recs)
             smallest = min(recs, key=lambda r: r.by_family[fam].size).source if len(recs) > 1 else None
             score = max(r.score for r in recs)
-        else:
+        else:  # all its sources; the smallest scanned pair (with many classes, not every pair is scanned)
             fam = max(anomalous, key=lambda f: evidence[f].score[t])
-            column = [r for r in records if r.target == t and r.source in present]
-            sources = sorted(r.source for r in column)
-            smallest = min(column, key=lambda r: r.by_family[fam].size).source
+            column = [r for r in records if r.target == t]
+            sources = [c for c in present if c != t]
+            smallest = min(column, key=lambda r: r.by_family[fam].size).source if column else None
             score = evidence[fam].score[t]
         out.append(Candidate(t, fam, sources, smallest, float(score), t not in flagged,
                              sorted(f for f in anomalous if f != fam)))

@@ -1,9 +1,9 @@
-"""Stage 7, shared stamps: patch targets whose stamps also fire each other's sources share one stamp.
+"""Stage 8, shared stamps: patch targets whose stamps also fire each other's sources share one stamp.
 
 An all-to-all backdoor's targets share one stamp, and each estimate holds a different few of its
 pixels (a minimal trigger is the weakest version of the real one); together they hold most of them.
 Each such target gets the union of those stamps (mask: the maximum; pattern: the mask-weighted mean)
-as its ``shared`` alternative, and its twin is fitted on it too. docs/method.md#7-shared-stamps.
+as its ``shared`` alternative, and its twin is fitted on it too. docs/method.md#8-shared-stamps.
 """
 from __future__ import annotations
 

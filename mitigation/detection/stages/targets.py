@@ -1,4 +1,4 @@
-"""Stage 1a, the target scan: one universal trigger per target class, from all its candidate sources at once.
+"""Stage 1, the target scan: one universal trigger per target class, from all its candidate sources at once.
 
 Neural Cleanse's question, in each trigger family: how small a trigger sends *every* other class to t?
 An all-to-one backdoor's trigger does, so its target's universal trigger is about as small as its
@@ -6,7 +6,7 @@ pairs' triggers; a class that is merely easy to reach needs a different change f
 its universal trigger is far larger than its pairs'. K groups instead of K(K-1), so it scales with the
 number of classes. The universal triggers serve twice: as evidence at the level where an all-to-one
 attack acts (stage 3), and as donors that tighten the pairs they work on (stage 2).
-docs/method.md#1a-target-scan.
+docs/method.md#1-target-scan-and-pair-scan.
 """
 from __future__ import annotations
 

@@ -53,7 +53,8 @@ def _from_universal(suspect: Suspect, scan: PairScan, universal: TargetScan, siz
     if not bool(found.any()):
         return []
     rows = found.nonzero(as_tuple=True)[0]
-    frac = suspect.fractions(uni.family, {k: v[rows] for k, v in uni.tensors.items()}, cfg.pair)  # [T', K, K]
+    share = max(1, cfg.screen_images // suspect.num_classes)
+    frac = suspect.fractions(uni.family, {k: v[rows] for k, v in uni.tensors.items()}, cfg.pair, per_class=share)
     where = {p: i for i, p in enumerate(scan.pairs)}
     moved: list[Transfer] = []
     for d, r in enumerate(rows.tolist()):
