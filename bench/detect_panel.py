@@ -153,9 +153,9 @@ def evidence(case: Case, det: dict) -> str:
     pairs = [p for p in det["pairs"] if (p["source"], p["target"]) in truth]
     best = sorted(pairs, key=lambda p: -p["score"])[:3]
     text = ", ".join(f"{p['source']}->{p['target']} {p['family']} {p['score']:.1f}" for p in best)
-    levels = det.get("target_scores", {})
+    levels = det.get("targets", {})
     if case.poisoned and case.mode == "a2o" and levels:
-        text += "; target-level " + ", ".join(f"{f} {v.get(str(case.target), 0):.1f}" for f, v in levels.items())
+        text += "; target level " + ", ".join(f"{f} {v['score'][case.target]:.1f}" for f, v in levels.items())
     return text
 
 

@@ -30,11 +30,11 @@ def families_for(trigger_type: str) -> tuple[TriggerFamily, ...]:
 class ReverseConfig:
     """The batched reverse-engineering optimiser (Neural Cleanse's objective, one trigger per group)."""
 
-    steps: int = 80
+    steps: int = 60
     images_per_group: int = 4
     lr_patch: float = 0.2
     lr_perturbation: float = 0.02
-    lr_warp: float = 0.05  # control-point displacement, pixels per step
+    lr_warp: float = 0.1  # control-point displacement, pixels per step (0.05 left most natural pairs without a warp in 80 steps)
     init_lambda: float = 0.05
     lambda_up: float = 1.5
     lambda_down: float = 1.5 ** 1.5
@@ -74,7 +74,7 @@ class DetectionConfig:
     statistic: str = "auto"
     pair: ReverseConfig = field(default_factory=ReverseConfig)
     # the target scan: one universal trigger per target from all its sources (docs/method.md#1-target-scan-and-pair-scan)
-    target: ReverseConfig = field(default_factory=lambda: ReverseConfig(steps=80, images_per_group=12))
+    target: ReverseConfig = field(default_factory=lambda: ReverseConfig(steps=60, images_per_group=12))
     # a target whose column of pair scores has a robust z-score above this against the other targets'
     # columns is a candidate even when none of its pairs is flagged
     target_threshold: float = DEFAULT_TARGET_THRESHOLD
@@ -90,7 +90,7 @@ class DetectionConfig:
     # screens that stamp all K universal triggers on clean images (transfer, the pair choice above) look
     # at about this many images in all (an equal share per class), so their cost grows with K, not K^2
     screen_images: int = 1000
-    reestimate_steps: int = 300
+    reestimate_steps: int = 200
     reestimate_images: int = 24
     # all-to-all false-pair test: a joint trigger this much larger than the smallest pair's alone (re-estimated
     # with the same settings) means the sources do not all share one trigger; only the smallest pair is kept,

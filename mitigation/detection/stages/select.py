@@ -5,8 +5,10 @@ Evidence at the level where an attack acts:
 - a *target* whose column of pair scores is anomalous against the other targets' columns (an
   all-to-one backdoor shortens every source's way to its target, though each pair may be only
   moderately short: many sources agreeing on one target is strong evidence).
-A target found by its column alone is estimated from all its sources, and must then show that one
-trigger works for most of them (stage 5's universality test). docs/method.md#4-candidate-targets.
+A target with an anomalous column is estimated from all its sources (an estimate from the flagged
+sources alone may miss the others: on a blended trigger, two of nine); one found by its column alone
+must then show that one trigger works for most of them (stage 5's universality test).
+docs/method.md#4-candidate-targets.
 """
 from __future__ import annotations
 
@@ -45,8 +47,9 @@ def select_candidates(records: list[PairRecord], evidence: dict[str, TargetEvide
         if t in flagged:
             recs = flagged[t]
             fam = max(recs[0].by_family, key=lambda f: sum(r.by_family[f].score for r in recs))
-            sources = sorted(r.source for r in recs)
-            smallest = min(recs, key=lambda r: r.by_family[fam].size).source if len(recs) > 1 else None
+            # an anomalous column says the attack acts on the whole target: estimate from every source
+            sources = [c for c in present if c != t] if t in by_column else sorted(r.source for r in recs)
+            smallest = min(recs, key=lambda r: r.by_family[fam].size).source if len(sources) > 1 else None
             score = max(r.score for r in recs)
         else:  # all its sources; the smallest scanned pair (with many classes, not every pair is scanned)
             fam = max(anomalous, key=lambda f: evidence[f].score[t])
