@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from provenance import commit  # bench/ is the script's folder, first on sys.path
 
 RUNS = {  # run -> (attack, mode, detection's trigger family, MAD threshold)
     "none": ("none", "a2o", "all", 7.0),
@@ -51,7 +52,7 @@ def main() -> None:
         else:
             wall = None
         m = json.loads((out / "metrics.json").read_text())
-        row = {"run": name, "attack": kind, "mode": mode, "commit": _commit(), **m, "wall_seconds": wall and round(wall, 1)}
+        row = {"run": name, "attack": kind, "mode": mode, "commit": commit(), **m, "wall_seconds": wall and round(wall, 1)}
         print(f"{name:12s} acc={m['acc']:.3f} asr={m['asr'] if m['asr'] is None else round(m['asr'], 3)} "
               f"sia={m['sia'] if m['sia'] is None else round(m['sia'], 3)} train={m['train_seconds']}s", flush=True)
         if args.mitigate:
@@ -61,16 +62,6 @@ def main() -> None:
         results.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rows, indent=2))
 
-
-def _commit() -> str | None:
-    """The commit the figures were measured at (with '+dirty' for uncommitted changes); None outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _tag(per_class: int) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from provenance import commit  # bench/ is the script's folder, first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 PANEL_NETS = ROOT / "bench" / "panel"
@@ -204,7 +205,7 @@ def write_results(rows: list[dict], tag: str) -> None:
         "false_targets_on_poisoned": sum(len(r["false_targets"]) for r in poisoned),
         "mean_detect_seconds": round(sum(r["detect_seconds"] for r in rows) / len(rows), 1),
         "max_detect_seconds": max(r["detect_seconds"] for r in rows),
-        "commit": _commit(),
+        "commit": commit(),
     }
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -228,16 +229,6 @@ def write_results(rows: list[dict], tag: str) -> None:
     (results / f"detect_panel{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-
-def _commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True, cwd=ROOT).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import logging
 import os
 import platform
 import resource
-import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -46,6 +45,7 @@ from peers.ibd_psc import PAPER_T, IbdPsc
 from peers.report import markdown, plot_der, plot_detectors
 from peers.scale_up import ScaleUp
 from peers.strip import Strip
+from provenance import commit  # noqa: E402  (bench/ is the script's folder)
 
 log = logging.getLogger("peers")
 ATTACKS = ("badnet", "badnet_a2a", "chessboard", "blend", "sig", "wanet")
@@ -86,7 +86,7 @@ def main() -> None:
     detectors = _pick(args.detectors, DETECTORS, "detector")
     device = resolve_device(args.device)
     start = time.perf_counter()
-    doc: dict[str, Any] = {"commit": args.commit or _commit(), "rows": [], "detectors": []}
+    doc: dict[str, Any] = {"commit": args.commit or commit(), "rows": [], "detectors": []}
     details: dict[str, Any] = {"commit": doc["commit"], "seed": args.seed, "host": _host(), "settings": [],
                                "false_alarm_budget": FALSE_ALARM_BUDGET, "command": _command(args),
                                "hyper_parameters": _hyper_parameters(args.seed, args.finetune_lr)}
@@ -284,16 +284,6 @@ def _hyper_parameters(seed: int, lr: float) -> dict[str, Any]:
             "ibd_psc": {"n": IbdPsc().n, "xi": IbdPsc().xi, "scale": IbdPsc().scale, "paper_T": PAPER_T},
             "scale_up": {"scales": list(ScaleUp().scales)}, "false_alarm_budget": FALSE_ALARM_BUDGET}
 
-
-def _commit() -> str | None:
-    """The commit measured (with '+dirty' when tracked files differ from it); None outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _host() -> dict[str, Any]:

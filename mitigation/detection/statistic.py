@@ -44,21 +44,21 @@ def pair_statistic(size: torch.Tensor, pairs: list[tuple[int, int]], num_classes
     return torch.where(found & torch.isfinite(med), med / size, nan).float()
 
 
-def mad_scores(statistic: torch.Tensor) -> torch.Tensor:
+def mad_scores(statistic: torch.Tensor, scale_floor: float = 0.0) -> torch.Tensor:
     """``(stat - median) / (1.4826 * MAD)``; large positive = anomalously large statistic (small trigger).
 
     One-sided: only unusually small triggers are suspicious. Non-finite statistics (no trigger found)
-    get score 0 and do not enter the median."""
+    get score 0 and do not enter the median. The scale is never below ``scale_floor``."""
     stat = statistic.double()
     finite = torch.isfinite(stat)
     if finite.sum() < 3:
-        return torch.zeros_like(stat)
+        return torch.zeros_like(statistic)
     vals = stat[finite]
     med = vals.median()
-    mad = (vals - med).abs().median() * MAD_CONSISTENCY
-    mad = torch.clamp(mad, min=1e-12 * max(1.0, float(med.abs())))
+    mad = float((vals - med).abs().median()) * MAD_CONSISTENCY
+    scale = max(mad, scale_floor, 1e-12 * max(1.0, float(med.abs())))
     score = torch.zeros_like(stat)
-    score[finite] = (vals - med) / mad
+    score[finite] = (vals - med) / scale
     return score.float()
 
 
@@ -94,16 +94,7 @@ def target_scores(column: torch.Tensor, sources: int) -> torch.Tensor:
     The scale is the targets' MAD (x 1.4826), but never below the spread that the pair scores' own noise
     gives a median of ``sources`` of them (1.2533 / sqrt(n) for unit-scale scores): with ten targets the
     MAD of ten numbers can be small by chance, and a noise column would then look anomalous."""
-    col = column.double()
-    finite = torch.isfinite(col)
-    if finite.sum() < 3:
-        return torch.zeros_like(column)
-    vals = col[finite]
-    med = vals.median()
-    scale = max(float((vals - med).abs().median()) * MAD_CONSISTENCY, 1.2533 / math.sqrt(max(1, sources)))
-    out = torch.zeros_like(col)
-    out[finite] = (vals - med) / scale
-    return out.float()
+    return mad_scores(column, scale_floor=1.2533 / math.sqrt(max(1, sources)))
 
 
 def universal_scores(size: torch.Tensor) -> torch.Tensor:
