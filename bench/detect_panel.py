@@ -10,10 +10,12 @@ all-to-one towards various targets and all-to-all, several seeds -- then runs th
 - detection: all-to-one, the true target found with at least K-2 of its K-1 sources; all-to-all, at
   least 80% of the true (c -> c+1) pairs found; clean, no target at all;
 - the false targets, on poisoned models and on clean ones;
-- the seconds ``bna detect`` took (wall, including loading) per model.
+- the seconds detection took per model (``detection.json``'s own ``seconds``: the stages, not loading).
 
 Usage: python bench/detect_panel.py [--only NAME,NAME] [--out artifacts/panel] [--detect-arg=--trigger-type=patch]
-Writes bench/results/detect_panel.json and bench/results/detect_panel.md; every miss is listed with its scores.
+       python bench/detect_panel.py --report-only   # judge the detections on disk again, rewrite the results
+Writes bench/results/detect_panel.json and bench/results/detect_panel.md (after every model); every miss is listed
+with its scores.
 """
 from __future__ import annotations
 
@@ -167,12 +169,16 @@ def main() -> int:
     ap.add_argument("--detect-arg", action="append", default=[], help="extra 'bna detect' argument, repeatable")
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--tag", default="", help="suffix of the result files and detection folders")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no training or detection: judge the detections already on disk and rewrite the results")
     args = ap.parse_args()
     cases = [c for c in PANEL if not args.only or c.name in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in cases:
         t = time.perf_counter()
+        if args.report_only and not (args.out / case.name / "metrics.json").is_file():
+            continue
         model = train(case, args.out)
         metrics = json.loads((model / "metrics.json").read_text())
         print(f"{case.name:26s} trained: acc {metrics['acc']:.3f} asr {metrics['asr']} ({time.perf_counter() - t:.0f} s)",
@@ -180,23 +186,27 @@ def main() -> int:
         if args.train_only:
             continue
         det_dir = args.out / f"{case.name}_detection{args.tag}"
-        t = time.perf_counter()
-        subprocess.run([BNA, "detect", "--model", str(model), "--out", str(det_dir), "--quiet", *args.detect_arg],
-                       check=True, env=env(), stdout=subprocess.DEVNULL)
-        seconds = time.perf_counter() - t
+        if args.report_only:
+            if not (det_dir / "detection.json").is_file():
+                continue
+        else:
+            subprocess.run([BNA, "detect", "--model", str(model), "--out", str(det_dir), "--quiet", *args.detect_arg],
+                           check=True, env=env(), stdout=subprocess.DEVNULL)
         det = json.loads((det_dir / "detection.json").read_text())
         row = {**asdict(case), "f_acc": metrics["acc"], "f_asr": metrics["asr"], **judge(case, det),
                "detected_targets": det["detected_targets"], "sources": det["sources"],
-               "detect_seconds": round(seconds, 1), "evidence": evidence(case, det)}
+               "detect_seconds": round(det["seconds"], 1), "evidence": evidence(case, det)}
         rows.append(row)
         print(f"{'':26s} {'OK  ' if row['detected'] else 'MISS'} targets {det['detected_targets']} false "
-              f"{row['false_targets']} in {seconds:.0f} s | {row['evidence']}", flush=True)
+              f"{row['false_targets']} in {row['detect_seconds']:.0f} s | {row['evidence']}", flush=True)
+        report = write_results(rows, args.tag)  # after every case: a stopped run keeps what it measured
     if rows:
-        write_results(rows, args.tag)
+        print(report)
     return 0
 
 
-def write_results(rows: list[dict], tag: str) -> None:
+def write_results(rows: list[dict], tag: str) -> str:
+    """bench/results/detect_panel{tag}.json and .md; returns the markdown."""
     poisoned = [r for r in rows if r["attack"] != "none"]
     clean = [r for r in rows if r["attack"] == "none"]
     summary = {
@@ -227,8 +237,7 @@ def write_results(rows: list[dict], tag: str) -> None:
     if misses:
         lines += ["", "Misses:"] + [f"- {r['name']}: {r['evidence']}" for r in misses]
     (results / f"detect_panel{tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

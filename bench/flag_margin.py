@@ -1,0 +1,80 @@
+"""The trigger flag's false and true alarms against its margin threshold (docs/method.md#serving-rule).
+
+For each ``MODEL`` directory written by ``bna train`` with a bundle beside it (``MODEL_bundle``, as
+``bench/attack_matrix.py --mitigate`` leaves them), and each twin t of that bundle:
+
+- the twin's margin (``models.twins.twin_margin``) on the defender's clean images of t (the set the
+  margin is calibrated on, and the twin fitted on) and on the held-out clean images of t;
+- for thresholds at several quantiles of the defender's margins: FPR = held-out clean images of t that
+  f sends to t and the twin flags, TPR = triggered held-out images that f sends to t and the twin flags
+  (over all triggered images, as ``bna evaluate`` counts it).
+
+    python bench/flag_margin.py artifacts/models/blend artifacts/models/wanet
+
+Prints one table per twin and writes ``bench/results/flag_margin.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from bna_gateway.mitigation.lab.attacks import AttackSpec, build_trigger
+from bna_gateway.mitigation.lab.datasets import load_ref
+from bna_gateway.models.bundle import load_bundle
+from bna_gateway.models.twins import twin_margin
+
+QUANTILES = (0.0, 0.9, 0.95, 0.98, 1.0)
+
+
+@torch.no_grad()
+def margins(bundle, x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """f's labels and the twin's margin away from ``target`` for each image."""
+    f = torch.cat([bundle.classifier(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
+    m = torch.cat([twin_margin(bundle.router.twin_logits(x[i : i + 500], target).softmax(1), target)
+                   for i in range(0, len(x), 500)])
+    return f, m
+
+
+def measure(model_dir: Path) -> list[dict]:
+    bundle = load_bundle(model_dir.parent / f"{model_dir.name}_bundle", "cpu")
+    attack = AttackSpec.load(model_dir / "attack.json")
+    data = load_ref(bundle.manifest.model.dataset)
+    trigger = build_trigger(attack, tuple(bundle.manifest.model.input.shape))
+    x_trig = trigger(data.test.x[attack.victims(data.test.y)])
+    rows = []
+    for t in bundle.router.targets:
+        f_def, m_def = margins(bundle, data.clean.x[data.clean.y == t], t)
+        f_held, m_held = margins(bundle, data.test.x[data.test.y == t], t)
+        f_trig, m_trig = margins(bundle, x_trig, t)
+        m_def = m_def[f_def == t]
+        for q in QUANTILES:
+            thr = 0.0 if q == 0 else max(0.0, float(torch.quantile(m_def, q)))
+            rows.append({"model": model_dir.name, "target": t, "quantile": q, "threshold": round(thr, 4),
+                         "defender_margin_max": round(float(m_def.max()), 4),
+                         "fpr_held_out_target": round(float(((f_held == t) & (m_held > thr)).float().mean()), 4),
+                         "tpr": round(float(((f_trig == t) & (m_trig > thr)).float().mean()), 4),
+                         "f_asr": round(float((f_trig == t).float().mean()), 4),
+                         "served_margin": bundle.router.twin_stats[t].flag_margin})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", type=Path, help="model directories with MODEL_bundle beside them")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/flag_margin.json"))
+    args = ap.parse_args()
+    rows = [r for m in args.models for r in measure(m)]
+    print("| model | t | quantile | threshold | defender max margin | FPR (held-out t) | TPR | f's ASR |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['target']} | {r['quantile']:.2f} | {r['threshold']:.3f} | "
+              f"{r['defender_margin_max']:.3f} | {r['fpr_held_out_target']:.3f} | {r['tpr']:.3f} | {r['f_asr']:.3f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
