@@ -100,6 +100,7 @@ def scaled(cfg: DetectionConfig, scale: float) -> DetectionConfig:
     steps = lambda n: max(1, round(n * scale))  # noqa: E731
     return replace(cfg, pair=replace(cfg.pair, steps=steps(cfg.pair.steps)),
                    target=replace(cfg.target, steps=steps(cfg.target.steps)),
+                   pair_steps=tuple((f, steps(n)) for f, n in cfg.pair_steps),
                    reestimate_steps=steps(cfg.reestimate_steps))
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from bna_gateway.mitigation.bna.config import BNAConfig
@@ -64,7 +63,7 @@ def detection_config(args: argparse.Namespace) -> DetectionConfig:
     cfg = DetectionConfig(trigger_type=args.trigger_type, threshold=args.threshold, statistic=args.statistic,
                           target_threshold=args.target_threshold).with_seed(args.seed, not args.quiet)
     if args.detect_steps:
-        cfg = replace(cfg, pair=replace(cfg.pair, steps=args.detect_steps))
+        cfg = cfg.with_pair_steps(args.detect_steps)
     return cfg
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from bna_gateway.mitigation.detection.config import (DEFAULT_TARGET_THRESHOLD, DEFAULT_THRESHOLD, STATISTICS,
-                                                    TRIGGER_TYPES, ReverseConfig)
+                                                    TRIGGER_TYPES, DetectionConfig, ReverseConfig)
 
 
 def _number(kind: type, test: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
@@ -65,7 +65,8 @@ def _add_detection(p: argparse.ArgumentParser, steps_flag: str) -> None:
                    help="pair statistic: plain = 1/size (the paper), source = the source's median size / size "
                         "(an easy source is not flagged towards every class); auto = source from 5 classes up")
     p.add_argument(steps_flag, dest="detect_steps", type=POSITIVE_INT, default=None,
-                   help=f"detection's optimisation steps per pair (default {ReverseConfig().steps})")
+                   help=f"detection's optimisation steps per pair, every family (default {ReverseConfig().steps}, "
+                        f"the patch family {dict(DetectionConfig().pair_steps).get('patch')})")
     g = p.add_argument_group("sharding detection's optimisations (docs/scaling.md)")
     g.add_argument("--ray", metavar="auto|local|ADDRESS", default=None,
                    help="run the trigger optimisations on Ray actors: auto = the cluster RAY_ADDRESS or a running "

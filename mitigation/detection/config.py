@@ -73,6 +73,10 @@ class DetectionConfig:
     # then has enough targets for its median), else "plain"
     statistic: str = "auto"
     pair: ReverseConfig = field(default_factory=ReverseConfig)
+    # per-family pair-scan steps that differ from ``pair.steps``: a patch mask starts at about 12% of every
+    # pixel and needs longer to shrink onto a stamp than a perturbation or a warp to settle (at 60 steps an
+    # all-to-all BadNet's pairs were still 23-45 pixels for a 3x3 stamp and none was flagged; at 100, 3.5-5.5)
+    pair_steps: tuple[tuple[str, int], ...] = (("patch", 100),)
     # the target scan: one universal trigger per target from all its sources (docs/method.md#1-target-scan-and-pair-scan)
     target: ReverseConfig = field(default_factory=lambda: ReverseConfig(steps=60, images_per_group=12))
     # a target whose column of pair scores has a robust z-score above this against the other targets'
@@ -123,6 +127,15 @@ class DetectionConfig:
     @property
     def families(self) -> tuple[TriggerFamily, ...]:
         return families_for(self.trigger_type)
+
+    def pair_for(self, family: TriggerFamily) -> ReverseConfig:
+        """The pair scan's optimiser settings for ``family`` (its own step count where ``pair_steps`` has one)."""
+        steps = dict(self.pair_steps).get(family.name)
+        return self.pair if steps is None else replace(self.pair, steps=steps)
+
+    def with_pair_steps(self, steps: int) -> "DetectionConfig":
+        """Every family's pair scan at ``steps`` (``--steps``)."""
+        return replace(self, pair=replace(self.pair, steps=steps), pair_steps=())
 
     def with_seed(self, seed: int, progress: bool = True) -> "DetectionConfig":
         """The same settings with every optimiser seeded by ``seed`` (and progress bars on or off)."""

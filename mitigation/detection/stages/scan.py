@@ -66,7 +66,7 @@ def scan_pairs(suspect: Suspect, cfg: DetectionConfig, universal: dict[str, Targ
     timings: dict[str, float] = {}
     for fam in cfg.families:
         start = time.perf_counter()
-        result = suspect.reverse(groups, targets, fam, cfg.pair, desc=f"pairs/{fam.name}")
+        result = suspect.reverse(groups, targets, fam, cfg.pair_for(fam), desc=f"pairs/{fam.name}")
         timings[f"pairs_{fam.name}"] = time.perf_counter() - start
         scans[fam.name] = PairScan(pairs, result, complete)
         log.info("%s: %d pairs in %.1f s", fam.name, len(pairs), timings[f"pairs_{fam.name}"])
