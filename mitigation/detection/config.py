@@ -78,7 +78,7 @@ class DetectionConfig:
     # all-to-all BadNet's pairs were still 23-45 pixels for a 3x3 stamp and none was flagged; at 100, 3.5-5.5)
     pair_steps: tuple[tuple[str, int], ...] = (("patch", 100),)
     # the target scan: one universal trigger per target from all its sources (docs/method.md#1-target-scan-and-pair-scan)
-    target: ReverseConfig = field(default_factory=lambda: ReverseConfig(steps=60, images_per_group=12))
+    target: ReverseConfig = field(default_factory=lambda: ReverseConfig(steps=60, images_per_group=10))
     # a target whose column of pair scores has a robust z-score above this against the other targets'
     # columns is a candidate even when none of its pairs is flagged
     target_threshold: float = DEFAULT_TARGET_THRESHOLD
@@ -94,7 +94,7 @@ class DetectionConfig:
     # screens that stamp all K universal triggers on clean images (transfer, the pair choice above) look
     # at about this many images in all (an equal share per class), so their cost grows with K, not K^2
     screen_images: int = 1000
-    reestimate_steps: int = 200
+    reestimate_steps: int = 150
     reestimate_images: int = 24
     # all-to-all false-pair test: a joint trigger this much larger than the smallest pair's alone (re-estimated
     # with the same settings) means the sources do not all share one trigger; only the smallest pair is kept,
