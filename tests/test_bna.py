@@ -254,3 +254,18 @@ def test_learning_rate_warms_up_linearly_then_holds() -> None:
     assert all(a < b for a, b in zip(factors[:10], factors[1:11]))
     assert factors[10:] == [1.0] * 50
     assert lr_factor(0, BNAConfig(warmup=0)) == 1.0
+
+
+def test_a_candidate_set_over_one_pass_is_fitted_in_chunks() -> None:
+    """The exact two-pass gradient (a set larger than ``chunk``) runs through every chunk, step after
+    step (an all-to-all twin's set once failed on its second chunk), and lowers the loss."""
+    m = tm.backdoored()
+    x, y = tm.defender_set(m)
+    sources = [c for c in range(tm.NUM_CLASSES) if c != tm.TARGET]
+    with tm.one_thread():
+        fit = fit_twin(m.classifier, tm.TARGET, x, y, sources, m.trigger, BNAConfig(progress=False, steps=5, chunk=7))
+    assert len(fit.loss_history) == 5
+    assert min(fit.loss_history) < fit.loss_history[0]
+    changed = sum(not torch.allclose(fit.stats.running_mean[n], bn.running_mean)
+                  for n, bn in bn_layers(m.classifier.net).items())
+    assert changed >= 1
