@@ -241,7 +241,7 @@ def full_set_backward(model: nn.Module, cand_x: torch.Tensor, ref: Reference, we
         # every chunk's graph ends in the same ``stats`` (computed once from the parameters): keep that
         # shared part until the last chunk has gone through it
         torch.stack(parts).sum().backward(retain_graph=i + cfg.chunk < len(cand_x))
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()
