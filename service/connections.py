@@ -13,8 +13,8 @@ protocol (uvicorn's ``H11Protocol`` with two additions, given to ``uvicorn.Confi
   (``bna_requests_refused_total{reason="connection_limit"}``); ``bna_open_connections`` is the gauge.
 - **lingering close**: a connection closed while the client is still sending its body (an answer given
   before the body was read: 401, 413, 408, 503) is half-closed (FIN after the answer), and what the
-  client still sends is read and thrown away for at most ``LINGER_SECONDS`` / ``LINGER_BYTES`` before the
-  socket is closed. Closing at once would reset the connection (unread data makes the kernel send RST)
+  client still sends is read and thrown away (at most ``LINGER_BYTES``, then no longer read) until the
+  client closes or ``LINGER_SECONDS`` have passed, when the socket is closed. Closing at once would reset the connection (unread data makes the kernel send RST)
   and the client could lose the answer; reading the whole body would let a client hold the server.
 """
 from __future__ import annotations
@@ -162,9 +162,15 @@ class _LingeringTransport:
         t.close()
 
     def discard(self, n: int) -> None:
+        """Throw away what a lingering client still sends; past ``LINGER_BYTES`` stop reading instead.
+
+        Stopping reading, not closing, is what keeps the answer safe: a close with unread bytes sends RST,
+        and a client that has not read the answer yet (one writing as fast as loopback takes it reads
+        nothing until a write blocks) loses it. Unread, the kernel buffers fill, the client's writes
+        block, it reads the answer and the FIN; the deadline set in :meth:`close` ends the connection."""
         self._discarded += n
         if self._discarded > LINGER_BYTES:
-            self._transport.close()
+            self._transport.pause_reading()
 
 
 def guarded_protocol(guard: ConnectionGuard) -> type[GuardedH11Protocol]:

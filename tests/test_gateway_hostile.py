@@ -235,6 +235,46 @@ def test_a_refused_1_gib_upload_is_cut_off_not_read(gateway: Gateway, auth: bool
     assert seconds < 10
 
 
+@pytest.mark.parametrize("auth", [False, True], ids=["401 without a key", "413 with a key"])
+def test_a_refused_upload_sent_flat_out_still_gets_its_answer(gateway: Gateway, auth: bool) -> None:
+    """The client writes as fast as loopback takes it for a second, then reads (a client busy sending
+    on a loaded machine). The server must stop taking bytes rather than close with bytes unread: that
+    close sends RST, and an RST throws the answer away on the client's side before the client reads it."""
+    import select
+    import socket
+
+    headers = {"Content-Type": "image/png", "Content-Length": str(1 << 30), **(AUTH if auth else {})}
+    expected = b"HTTP/1.1 413 " if auth else b"HTTP/1.1 401 "
+    chunk = b"\0" * 65536
+    sent = 0
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(request_head("POST", "/classify", gateway.port, headers))
+        sock.setblocking(False)
+        writing_until = time.monotonic() + 1.0
+        while time.monotonic() < writing_until:
+            if not select.select([], [sock], [], 0.05)[1]:
+                continue
+            try:
+                sent += sock.send(chunk)
+            except BlockingIOError:
+                continue
+            except OSError as exc:  # EPIPE / ECONNRESET: the server closed on unread bytes
+                pytest.fail(f"the connection was reset after {sent} bytes, before the client read: {exc}")
+        answer = b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and select.select([sock], [], [], 5)[0]:
+            try:
+                data = sock.recv(65536)
+            except OSError as exc:
+                pytest.fail(f"reading the answer failed after {len(answer)} bytes: {exc}")
+            if not data:
+                break
+            answer += data
+    assert answer.startswith(expected), answer[:200]
+    assert b"connection: close" in answer.lower()
+    assert sent < 64 * 1024 * 1024
+
+
 def test_a_connection_over_the_cap_gets_a_json_503(gateway: Gateway) -> None:
     before = scrape(gateway.url)
 
