@@ -275,8 +275,20 @@ def test_a_refused_upload_sent_flat_out_still_gets_its_answer(gateway: Gateway, 
     assert sent < 64 * 1024 * 1024
 
 
+def _wait_for_no_other_connections(gateway: Gateway, timeout_s: float = 10.0) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The metrics once every earlier test's connection has gone: a refused upload's connection lingers
+    up to service.connections.LINGER_SECONDS, and would hold a slot of the cap."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metrics = scrape(gateway.url)
+        if sample(metrics, "bna_open_connections") <= 1 or time.monotonic() > deadline:  # 1: the scrape itself
+            return metrics
+        time.sleep(0.2)
+
+
 def test_a_connection_over_the_cap_gets_a_json_503(gateway: Gateway) -> None:
-    before = scrape(gateway.url)
+    before = _wait_for_no_other_connections(gateway)
+    assert sample(before, "bna_open_connections") <= 1, "connections of earlier tests still open after 10 s"
 
     async def run() -> tuple[bytes, int]:
         idle = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(MAX_CONNECTIONS)]
