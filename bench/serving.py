@@ -1,7 +1,9 @@
 """Serving benchmark: the gateway against the bare model and a naive FastAPI wrapper, in one run.
 
 (a) bare model: f alone, torch only, batches of the gateway's max batch size (images/s), plus the
-    single-image forward time;
+    single-image forward time; in the form the gateway runs it (``--graph``, default the frozen graphs of
+    ``BNA_INFERENCE_GRAPH=frozen``), and as plain eager PyTorch. The ratios ("x bare") compare the
+    gateway with the bare model in the same form, so a faster graph is not counted as gateway gain;
 (b) naive wrapper: a FastAPI app written here (decode + forward per request, no batching) under uvicorn;
 (c) the gateway (``bna serve``) over HTTP at concurrency 1, 16 and 64, with 1 and 16 images per request,
     for clean traffic and for 100%-triggered traffic (every image goes through a twin and is flagged).
@@ -114,27 +116,30 @@ def decode_batch(images: list[bytes], shape: tuple[int, int, int], size: int) ->
 # -- (a) bare model --------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def bare_model(bundle_dir: Path, samples: dict[str, list[bytes]], batch: int, seconds: float) -> dict[str, float]:
+def bare_model(bundle_dir: Path, samples: dict[str, list[bytes]], batch: int, seconds: float,
+               graph: str = "eager") -> dict[str, float | str]:
+    """f alone (and f + twin on triggered images) in one thread, nothing else running: the ceiling the
+    gateway is compared with. ``graph="frozen"`` runs the frozen graphs the gateway runs by default."""
     from bna_gateway.models.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir, "cpu")
-    f = bundle.router.classifier
     shape = tuple(bundle.manifest.model.input.shape)
+    if graph == "frozen" and not all(r == "frozen" for r in bundle.router.freeze_graphs(shape).values()):
+        log.warning("some graphs could not be frozen; the frozen bare model is partly eager")
+    f = bundle.router.logits
     x = decode_batch(samples["clean"], shape, batch)  # type: ignore[arg-type]
     xt = decode_batch(samples["triggered"], shape, batch)  # type: ignore[arg-type]
     one = x[:1]
 
-    cpu_ms_per_image: dict[str, float] = {}
-
-    def rate(fn, arg: torch.Tensor) -> float:  # type: ignore[no-untyped-def]
+    def rate(fn, arg: torch.Tensor) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+        """(images/s, CPU ms per image)"""
         for _ in range(3):
             fn(arg)
         n, start, cpu = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds:
             fn(arg)
             n += 1
-        cpu_ms_per_image[fn.__class__.__name__] = (time.process_time() - cpu) * 1000 / (n * len(arg))
-        return n * len(arg) / (time.perf_counter() - start)
+        return n * len(arg) / (time.perf_counter() - start), (time.process_time() - cpu) * 1000 / (n * len(arg))
 
     single = []
     for _ in range(5):
@@ -144,11 +149,12 @@ def bare_model(bundle_dir: Path, samples: dict[str, list[bytes]], batch: int, se
         t = time.perf_counter()
         f(one)
         single.append(time.perf_counter() - t)
-    images_per_s = rate(f, x)
-    routed = rate(bundle.router, xt)
+    images_per_s, cpu_ms_per_image = rate(f, x)
+    routed, _ = rate(bundle.router, xt)
     return {
+        "graph": graph,
         "images_per_s": images_per_s,
-        "cpu_ms_per_image": cpu_ms_per_image[type(f).__name__],
+        "cpu_ms_per_image": cpu_ms_per_image,
         "routed_triggered_images_per_s": routed,
         "single_image_forward_ms": statistics.median(single) * 1000,
         "batch": batch,
@@ -178,7 +184,7 @@ def naive_cells(args: argparse.Namespace, bundle_dir: Path, samples: dict[str, l
 def gateway_cells(args: argparse.Namespace, bundle_dir: Path, samples: dict[str, list[bytes]]) -> list[Cell]:
     port = free_port()
     env = {**os.environ, "BNA_TORCH_THREADS": str(args.threads), "BNA_MAX_BATCH_SIZE": str(args.max_batch),
-           "BNA_DEVICE": "cpu", "BNA_API_KEY": "", "BNA_QUARANTINE_DIR": "",
+           "BNA_DEVICE": "cpu", "BNA_API_KEY": "", "BNA_QUARANTINE_DIR": "", "BNA_INFERENCE_GRAPH": args.graph,
            # the benchmark measures throughput: admission control must not refuse its closed-loop clients
            "BNA_MAX_QUEUED_IMAGES": str(max(args.concurrency) * max(args.images_per_request) + args.max_batch)}
     if args.max_wait_ms is not None:
@@ -238,7 +244,7 @@ def report(args: argparse.Namespace, manifest: dict[str, Any], bare: dict[str, f
     print(f"bundle {manifest['bundle_version']} ({manifest['model']['arch']} {manifest['model']['arch_kwargs']}), "
           f"torch {torch.__version__}, {args.threads} torch thread(s), {os.cpu_count()} CPUs, "
           f"{args.seconds:g} s per cell after {args.warmup:g} s warm-up")
-    print(f"(a) bare f, batch {args.max_batch}: {bare['images_per_s']:.0f} img/s "
+    print(f"(a) bare f ({bare['graph']} graphs), batch {args.max_batch}: {bare['images_per_s']:.0f} img/s "
           f"({bare['cpu_ms_per_image']:.2f} CPU ms per image); f + twin on a triggered batch: "
           f"{bare['routed_triggered_images_per_s']:.0f} img/s; single-image forward {bare['single_image_forward_ms']:.2f} ms")
     print("cpu ms/img: the server process's CPU time (all threads) per image answered; unlike wall-clock rates it "
@@ -274,6 +280,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--images-per-request", default="1,16", type=lambda v: [int(x) for x in v.split(",")])
     ap.add_argument("--seconds", type=float, default=5.0, help="measuring window per cell (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured warm-up per cell (default 1)")
+    ap.add_argument("--graph", choices=["frozen", "eager"], default="frozen",
+                    help="the gateway's BNA_INFERENCE_GRAPH, and the form of the bare model (a) it is compared with "
+                         "(default frozen, the gateway's default; an eager bare model is measured too)")
     ap.add_argument("--load-tool", choices=sorted(LOAD_TOOLS), default="raw",
                     help="raw: a minimal asyncio HTTP/1.1 client (default); httpx: httpx.AsyncClient, which needs "
                          "several times more client CPU per request and becomes the bottleneck on small machines")
@@ -299,8 +308,9 @@ def main() -> None:
     samples = load_samples(samples_dir)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
 
-    log.info("(a) bare model, batch %d, %d thread(s)", args.max_batch, args.threads)
-    bare = bare_model(bundle_dir, samples, args.max_batch, args.seconds)
+    log.info("(a) bare model (%s graphs), batch %d, %d thread(s)", args.graph, args.max_batch, args.threads)
+    bare = bare_model(bundle_dir, samples, args.max_batch, args.seconds, args.graph)
+    bare_eager = bare if args.graph == "eager" else bare_model(bundle_dir, samples, args.max_batch, args.seconds)
     log.info("(b) naive FastAPI wrapper")
     cells = naive_cells(args, bundle_dir, samples)
     log.info("(c) the gateway")
@@ -309,6 +319,11 @@ def main() -> None:
     add_ratios(cells, bare)
     checks = acceptance(cells, bare, max(args.concurrency))
     report(args, manifest, bare, cells, checks)
+    if bare_eager is not bare:
+        print(f"(a') bare f as plain eager PyTorch: {bare_eager['images_per_s']:.0f} img/s, f + twin on a triggered "
+              f"batch {bare_eager['routed_triggered_images_per_s']:.0f} img/s; the gateway's 16 img/req at max conc: "
+              + ", ".join(f"{c.traffic} {c.images_per_s / bare_eager['images_per_s']:.3f}x" for c in cells
+                          if c.system == "gateway" and c.images_per_request == 16 and c.concurrency == max(args.concurrency)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "load_tool": LOAD_TOOLS[args.load_tool],
@@ -321,6 +336,7 @@ def main() -> None:
         "seconds_per_cell": args.seconds,
         "max_batch": args.max_batch,
         "bare": bare,
+        "bare_eager": bare_eager,
         "cells": [asdict(c) for c in cells],
         "checks": checks,
     }, indent=2))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from bna_gateway.models.frozen import freeze, with_buffers
 from bna_gateway.models.network import backbone, bn_layers
 
 
@@ -82,6 +83,8 @@ class TwinRouter(nn.Module):
                 raise ValueError(f"twin for class {twin.target} names BN layers the model lacks: {sorted(unknown)[:3]}")
             self.twin_stats[twin.target] = twin
             self._twins[twin.target] = twin.buffers(self.bn_prefix)
+        # frozen graphs of f (key None) and of each twin (key: its target), set by freeze_graphs
+        self._frozen: dict[int | None, torch.jit.ScriptModule] = {}
 
     @property
     def targets(self) -> list[int]:
@@ -89,19 +92,42 @@ class TwinRouter(nn.Module):
 
     def to(self, *args, **kwargs):  # type: ignore[override]
         super().to(*args, **kwargs)
+        self._frozen = {}  # graphs were frozen for the old device
         device = next(self.classifier.parameters()).device
         for t, stats in list(self.twin_stats.items()):
             self.twin_stats[t] = stats.to(device)
             self._twins[t] = self.twin_stats[t].buffers(self.bn_prefix)
         return self
 
+    def freeze_graphs(self, input_shape: tuple[int, ...]) -> dict[str, str]:
+        """Serve f and every twin from frozen TorchScript graphs (``bna_gateway.models.frozen``): same
+        outputs, run without the GIL. Each one that cannot be frozen faithfully stays eager. Returns
+        ``{"f": reason, "twin 9": reason, ...}``; the graphs take over at once, together."""
+        device = next(self.classifier.parameters()).device
+        results = {None: freeze(self.classifier, input_shape, device)}
+        for target, buffers in self._twins.items():
+            results[target] = freeze(with_buffers(self.classifier, buffers), input_shape, device)
+        self._frozen = {key: r.graph for key, r in results.items() if r.graph is not None}
+        return {("f" if key is None else f"twin {key}"): r.reason for key, r in results.items()}
+
+    @property
+    def frozen(self) -> bool:
+        """Whether f and every twin run from frozen graphs."""
+        return len(self._frozen) == 1 + len(self._twins)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of f."""
+        graph = self._frozen.get(None)
+        return graph(x) if graph is not None else self.classifier(x)
+
     def twin_logits(self, x: torch.Tensor, target: int) -> torch.Tensor:
         """Logits of ``g(x | Theta_target)``: the classifier with the twin's BN buffers swapped in."""
-        return functional_call(self.classifier, self._twins[target], (x,))
+        graph = self._frozen.get(target)
+        return graph(x) if graph is not None else functional_call(self.classifier, self._twins[target], (x,))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> RoutedBatch:
-        logits = self.classifier(x)
+        logits = self.logits(x)
         probs = logits.softmax(dim=1)
         confidence, original = probs.max(dim=1)
         label = original.clone()

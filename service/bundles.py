@@ -10,6 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -50,10 +51,16 @@ class ServedBundle:
 
     @classmethod
     def build(
-        cls, bundle: LoadedBundle, path: Path, device: torch.device, metrics: GatewayMetrics, max_pixels: int
+        cls,
+        bundle: LoadedBundle,
+        path: Path,
+        device: torch.device,
+        metrics: GatewayMetrics,
+        max_pixels: int,
+        graph: Literal["frozen", "eager"] = "eager",
     ) -> "ServedBundle":
         decoder = ImageDecoder.for_input(bundle.manifest.model.input, max_pixels)
-        return cls(bundle, Predictor(bundle, device, metrics), decoder, resolve(path))
+        return cls(bundle, Predictor(bundle, device, metrics, graph), decoder, resolve(path))
 
     @property
     def version(self) -> str:

@@ -49,6 +49,16 @@ class Settings(BaseSettings):
         ),
     )
 
+    inference_graph: Literal["frozen", "eager"] = Field(
+        "frozen",
+        description=(
+            "'frozen': f and each twin run as frozen TorchScript graphs, which run without the GIL (the event "
+            "loop no longer slows the model down) and fold BatchNorm into the convolutions; each graph is checked "
+            "against its eager module at start-up and one that differs is served eagerly (logged). 'eager': plain "
+            "PyTorch modules"
+        ),
+    )
+
     max_batch_size: int = Field(64, ge=1, le=4096, description="largest batch given to the model")
     max_batch_wait_ms: float = Field(
         5.0, ge=0.0, le=1000.0, description="longest a queued image waits for more images to share its batch"

@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, fields
 from itertools import chain
+from typing import Literal
 
 import torch
 
@@ -53,11 +54,18 @@ class BatchOutcome:
 class Predictor:
     """Callable ``uint8 [N, C, H, W] -> BatchOutcome`` around a loaded bundle's ``TwinRouter``."""
 
-    def __init__(self, bundle: LoadedBundle, device: torch.device, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self,
+        bundle: LoadedBundle,
+        device: torch.device,
+        metrics: GatewayMetrics | None = None,
+        graph: Literal["frozen", "eager"] = "eager",
+    ) -> None:
         self.bundle = bundle
         self.router = bundle.router
         self.device = device
         self.metrics = metrics
+        self.graph = graph
         self.num_classes = bundle.manifest.model.num_classes
 
     @torch.inference_mode()
@@ -87,20 +95,38 @@ class Predictor:
             {(int(p) // k, int(p) % k): int(pairs[p]) for p in pairs.nonzero().flatten()},
         )
 
-    @torch.inference_mode()
-    def warmup(self, batch_sizes: list[int]) -> float:
-        """Run f and every twin once at each batch size (uncounted); returns the seconds it took."""
+    def freeze(self) -> None:
+        """With ``graph="frozen"``: f and every twin from frozen graphs, each checked against its eager
+        module (``bna_gateway.models.frozen``); one that fails the check stays eager, said in the log."""
+        if self.graph != "frozen":
+            return
         start = time.perf_counter()
+        outcome = self.router.freeze_graphs(tuple(self.bundle.manifest.model.input.shape))
+        eager = {name: reason for name, reason in outcome.items() if reason != "frozen"}
+        for name, reason in eager.items():
+            log.warning("%s is served eagerly: %s", name, reason)
+        log.info("froze %d of %d graphs (f and twins) in %.2f s", len(outcome) - len(eager), len(outcome),
+                 time.perf_counter() - start)
+
+    def warmup(self, batch_sizes: list[int]) -> float:
+        """Freeze the graphs (see :meth:`freeze`), then run f and every twin once at each batch size
+        (uncounted); returns the seconds it took."""
+        start = time.perf_counter()
+        self.freeze()
+        with torch.inference_mode():
+            self._warm(batch_sizes)
+        seconds = time.perf_counter() - start
+        log.info("warmed batch sizes %s on %s in %.2f s", batch_sizes, self.device, seconds)
+        return seconds
+
+    def _warm(self, batch_sizes: list[int]) -> None:
         c, h, w = self.bundle.manifest.model.input.shape
         generator = torch.Generator().manual_seed(0)
         for size in batch_sizes:
             x = torch.rand(size, c, h, w, generator=generator).to(self.device)
-            self.router.classifier(x)
+            self.router.logits(x)
             for target in self.router.targets:
                 self.router.twin_logits(x, target)
             self.router(x)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        log.info("warmed batch sizes %s on %s in %.2f s", batch_sizes, self.device, seconds)
-        return seconds

@@ -25,7 +25,7 @@ from typing import Awaitable, Callable
 
 import torch
 
-from bna_gateway.models.bundle import BundleError, read_manifest
+from bna_gateway.models.bundle import BundleError, LoadedBundle, read_manifest
 from bna_gateway.service.bundles import ServedBundle, load_checked, resolve
 from bna_gateway.service.metrics import GatewayMetrics
 
@@ -44,9 +44,9 @@ class BundleRollout:
         current: Callable[[], ServedBundle],
         warm: Warm,
         swap: Swap,
+        build: Callable[[LoadedBundle, Path], ServedBundle],
         device: torch.device,
         metrics: GatewayMetrics,
-        max_pixels: int,
         watch_interval_s: float,
     ) -> None:
         self.path = Path(path)
@@ -55,7 +55,7 @@ class BundleRollout:
         self._swap = swap
         self.device = device
         self.metrics = metrics
-        self.max_pixels = max_pixels
+        self._build = build
         self.watch_interval_s = watch_interval_s
         self._lock = asyncio.Lock()
         self._seen = current().path  # the directory the watcher last acted on
@@ -100,7 +100,7 @@ class BundleRollout:
                     log.info("bundle %s at %s is already being served; nothing to roll out", old.version, target)
                     return False
                 bundle = await asyncio.to_thread(load_checked, target, self.device)
-                new = ServedBundle.build(bundle, target, self.device, self.metrics, self.max_pixels)
+                new = self._build(bundle, target)
                 seconds = await self._warm(new)
             except Exception as exc:  # noqa: BLE001 - whatever breaks the new bundle, the old one keeps serving
                 reason = str(exc) if isinstance(exc, BundleError) else f"{type(exc).__name__}: {exc}"

@@ -13,6 +13,7 @@ import asyncio
 import enum
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
@@ -76,7 +77,7 @@ class Runtime:
             log.info("loading bundle %s onto %s", path, self.device)
             bundle = await asyncio.to_thread(load_checked, path, self.device)
         self._preloaded = None
-        served = ServedBundle.build(bundle, path, self.device, self.metrics, s.max_image_pixels)
+        served = self._build(bundle, path)
         self._publish(served)
         if s.quarantine_dir is not None:
             self.quarantine = Quarantine(s.quarantine_dir, s.quarantine_max_files)
@@ -84,6 +85,10 @@ class Runtime:
         self.batcher.start()
         self.state = State.WARMING
         self._warmup_task = asyncio.create_task(self._warm_first(served), name="bna-warmup")
+
+    def _build(self, bundle: LoadedBundle, path: Path) -> ServedBundle:
+        s = self.settings
+        return ServedBundle.build(bundle, path, self.device, self.metrics, s.max_image_pixels, s.inference_graph)
 
     def _publish(self, served: ServedBundle) -> None:
         self.current = served
@@ -113,9 +118,9 @@ class Runtime:
             current=lambda: self.current or served,
             warm=self.warm,
             swap=self._publish,
+            build=self._build,
             device=self.device,
             metrics=self.metrics,
-            max_pixels=self.settings.max_image_pixels,
             watch_interval_s=self.settings.bundle_watch_interval_s,
         )
         self.rollout.start()
