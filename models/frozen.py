@@ -4,8 +4,8 @@ Why: in eager mode every tensor op of a forward is dispatched from Python and ne
 gateway's event loop holds the GIL while it parses and decodes requests, so its inference thread
 waits for it at every op, and a busy gateway runs its model at a fraction of the model's own speed. A
 frozen TorchScript graph runs all its ops in C++ without taking the GIL, and freezing folds each
-BatchNorm, the twin's statistics included, into the convolution before it. ``bench/frozen.py``
-measures both effects.
+BatchNorm, the twin's statistics included, into the convolution before it. The first effect is
+checked by tests/test_frozen.py, both are measured by bench/serving.py (bench/README.md).
 
 Safety: tracing records the one path the example took through the module, so a forward that
 branches on its input, or bakes a batch size into a reshape, would be traced wrongly. A trace is
