@@ -124,7 +124,7 @@ def bare_model(bundle_dir: Path, samples: dict[str, list[bytes]], batch: int, se
 
     bundle = load_bundle(bundle_dir, "cpu")
     shape = tuple(bundle.manifest.model.input.shape)
-    if graph == "frozen" and not all(r == "frozen" for r in bundle.router.freeze_graphs(shape).values()):
+    if graph == "frozen" and bundle.router.freeze_graphs(shape):
         log.warning("some graphs could not be frozen; the frozen bare model is partly eager")
     f = bundle.router.logits
     x = decode_batch(samples["clean"], shape, batch)  # type: ignore[arg-type]

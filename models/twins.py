@@ -101,14 +101,14 @@ class TwinRouter(nn.Module):
 
     def freeze_graphs(self, input_shape: tuple[int, ...]) -> dict[str, str]:
         """Serve f and every twin from frozen TorchScript graphs (``bna_gateway.models.frozen``): same
-        outputs, run without the GIL. Each one that cannot be frozen faithfully stays eager. Returns
-        ``{"f": reason, "twin 9": reason, ...}``; the graphs take over at once, together."""
+        outputs, run without the GIL. Each one that cannot be frozen faithfully stays eager; returns those,
+        with why (``{"f": reason, "twin 9": reason}``; empty when all froze). The graphs take over at once."""
         device = next(self.classifier.parameters()).device
         results = {None: freeze(self.classifier, input_shape, device)}
         for target, buffers in self._twins.items():
             results[target] = freeze(with_buffers(self.classifier, buffers), input_shape, device)
         self._frozen = {key: r.graph for key, r in results.items() if r.graph is not None}
-        return {("f" if key is None else f"twin {key}"): r.reason for key, r in results.items()}
+        return {("f" if key is None else f"twin {key}"): r.reason for key, r in results.items() if r.graph is None}
 
     @property
     def frozen(self) -> bool:

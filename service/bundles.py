@@ -57,7 +57,7 @@ class ServedBundle:
         device: torch.device,
         metrics: GatewayMetrics,
         max_pixels: int,
-        graph: Literal["frozen", "eager"] = "eager",
+        graph: Literal["frozen", "eager"],
     ) -> "ServedBundle":
         decoder = ImageDecoder.for_input(bundle.manifest.model.input, max_pixels)
         return cls(bundle, Predictor(bundle, device, metrics, graph), decoder, resolve(path))

@@ -14,8 +14,9 @@ protocol (uvicorn's ``H11Protocol`` with two additions, given to ``uvicorn.Confi
 - **lingering close**: a connection closed while the client is still sending its body (an answer given
   before the body was read: 401, 413, 408, 503) is half-closed (FIN after the answer), and what the
   client still sends is read and thrown away (at most ``LINGER_BYTES``, then no longer read) until the
-  client closes or ``LINGER_SECONDS`` have passed, when the socket is closed. Closing at once would reset the connection (unread data makes the kernel send RST)
-  and the client could lose the answer; reading the whole body would let a client hold the server.
+  client closes or ``LINGER_SECONDS`` have passed, when the socket is closed. Closing at once would
+  reset the connection (unread data makes the kernel send RST) and the client could lose the answer;
+  reading the whole body would let a client hold the server.
 """
 from __future__ import annotations
 

@@ -101,12 +101,11 @@ class Predictor:
         if self.graph != "frozen":
             return
         start = time.perf_counter()
-        outcome = self.router.freeze_graphs(tuple(self.bundle.manifest.model.input.shape))
-        eager = {name: reason for name, reason in outcome.items() if reason != "frozen"}
+        eager = self.router.freeze_graphs(tuple(self.bundle.manifest.model.input.shape))
         for name, reason in eager.items():
             log.warning("%s is served eagerly: %s", name, reason)
-        log.info("froze %d of %d graphs (f and twins) in %.2f s", len(outcome) - len(eager), len(outcome),
-                 time.perf_counter() - start)
+        total = 1 + len(self.router.targets)
+        log.info("froze %d of %d graphs (f and twins) in %.2f s", total - len(eager), total, time.perf_counter() - start)
 
     def warmup(self, batch_sizes: list[int]) -> float:
         """Freeze the graphs (see :meth:`freeze`), then run f and every twin once at each batch size

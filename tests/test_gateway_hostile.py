@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import select
+import socket
 import statistics
 import time
 from typing import Iterator
@@ -240,9 +242,6 @@ def test_a_refused_upload_sent_flat_out_still_gets_its_answer(gateway: Gateway, 
     """The client writes as fast as loopback takes it for a second, then reads (a client busy sending
     on a loaded machine). The server must stop taking bytes rather than close with bytes unread: that
     close sends RST, and an RST throws the answer away on the client's side before the client reads it."""
-    import select
-    import socket
-
     headers = {"Content-Type": "image/png", "Content-Length": str(1 << 30), **(AUTH if auth else {})}
     expected = b"HTTP/1.1 413 " if auth else b"HTTP/1.1 401 "
     chunk = b"\0" * 65536
