@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,19 +62,28 @@ def measure(model_dir: Path) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run(description: str, measure_model: Callable[[Path], list[dict]], out: Path,
+        columns: list[tuple[str, str, str]]) -> None:
+    """The command line both flag benchmarks share: measure each model directory given, print a Markdown
+    table (``columns``: header, row key, format), write the rows as JSON to ``--out``."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("models", nargs="+", type=Path, help="model directories with MODEL_bundle beside them")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/flag_margin.json"))
+    ap.add_argument("--out", type=Path, default=out)
     args = ap.parse_args()
-    rows = [r for m in args.models for r in measure(m)]
-    print("| model | t | quantile | threshold | defender max margin | FPR (held-out t) | TPR | f's ASR |")
-    print("|---|---|---|---|---|---|---|---|")
+    rows = [r for m in args.models for r in measure_model(m)]
+    print("| " + " | ".join(h for h, _, _ in columns) + " |")
+    print("|" + "---|" * len(columns))
     for r in rows:
-        print(f"| {r['model']} | {r['target']} | {r['quantile']:.2f} | {r['threshold']:.3f} | "
-              f"{r['defender_margin_max']:.3f} | {r['fpr_held_out_target']:.3f} | {r['tpr']:.3f} | {r['f_asr']:.3f} |")
+        print("| " + " | ".join("-" if r[k] is None else format(r[k], f) for _, k, f in columns) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
+
+
+def main() -> None:
+    run(__doc__.splitlines()[0], measure, Path("bench/results/flag_margin.json"),
+        [("model", "model", ""), ("t", "target", ""), ("quantile", "quantile", ".2f"), ("threshold", "threshold", ".3f"),
+         ("defender max margin", "defender_margin_max", ".3f"), ("FPR (held-out t)", "fpr_held_out_target", ".3f"),
+         ("TPR", "tpr", ".3f"), ("f's ASR", "f_asr", ".3f")])
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ Prints a table and writes ``bench/results/flag_scores.json``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from bna_gateway.mitigation.lab.attacks import AttackSpec, build_trigger
 from bna_gateway.mitigation.lab.datasets import load_ref
 from bna_gateway.models.bundle import load_bundle
 from bna_gateway.models.twins import twin_margin
+from flag_margin import run  # bench/ is the script's own folder, first on sys.path
 
 QUANTILES = (0.9, 0.95, 0.98, 1.0)
 
@@ -80,19 +79,10 @@ def measure(model_dir: Path) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="+", type=Path, help="model directories with MODEL_bundle beside them")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/flag_scores.json"))
-    args = ap.parse_args()
-    rows = [r for m in args.models for r in measure(m)]
-    print("| model | t | score | quantile | threshold | FPR (held-out t) | TPR | label right | f's ASR |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        right = "-" if r["label_right"] is None else f"{r['label_right']:.3f}"
-        print(f"| {r['model']} | {r['target']} | {r['score']} | {r['quantile']:.2f} | {r['threshold']:.3f} | "
-              f"{r['fpr_held_out_target']:.3f} | {r['tpr']:.3f} | {right} | {r['f_asr']:.3f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2))
+    run(__doc__.splitlines()[0], measure, Path("bench/results/flag_scores.json"),
+        [("model", "model", ""), ("t", "target", ""), ("score", "score", ""), ("quantile", "quantile", ".2f"),
+         ("threshold", "threshold", ".3f"), ("FPR (held-out t)", "fpr_held_out_target", ".3f"), ("TPR", "tpr", ".3f"),
+         ("label right", "label_right", ".3f"), ("f's ASR", "f_asr", ".3f")])
 
 
 if __name__ == "__main__":
