@@ -18,33 +18,55 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bna_gateway.mitigation.lab.attacks import AttackSpec, build_trigger
-from bna_gateway.mitigation.lab.datasets import load_ref
-from bna_gateway.models.bundle import load_bundle
+from bna_gateway.mitigation.lab.datasets import Dataset, load_ref
+from bna_gateway.models.bundle import LoadedBundle, load_bundle
 from bna_gateway.models.twins import twin_margin
 
 QUANTILES = (0.0, 0.9, 0.95, 0.98, 1.0)
 
 
-@torch.no_grad()
-def margins(bundle, x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """f's labels and the twin's margin away from ``target`` for each image."""
-    f = torch.cat([bundle.classifier(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
-    m = torch.cat([twin_margin(bundle.router.twin_logits(x[i : i + 500], target).softmax(1), target)
-                   for i in range(0, len(x), 500)])
-    return f, m
+@dataclass(frozen=True)
+class Case:
+    """A model's bundle, its reference data and the held-out test images of its attack's victims, triggered."""
+
+    bundle: LoadedBundle
+    data: Dataset
+    x_trig: torch.Tensor
+    y_trig: torch.Tensor
 
 
-def measure(model_dir: Path) -> list[dict]:
+def load_case(model_dir: Path) -> Case:
     bundle = load_bundle(model_dir.parent / f"{model_dir.name}_bundle", "cpu")
     attack = AttackSpec.load(model_dir / "attack.json")
     data = load_ref(bundle.manifest.model.dataset)
     trigger = build_trigger(attack, tuple(bundle.manifest.model.input.shape))
-    x_trig = trigger(data.test.x[attack.victims(data.test.y)])
+    victims = attack.victims(data.test.y)
+    return Case(bundle, data, trigger(data.test.x[victims]), data.test.y[victims])
+
+
+@torch.no_grad()
+def logits(bundle: LoadedBundle, x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """f's and the twin's logits, 500 images per pass."""
+    f = torch.cat([bundle.classifier(x[i : i + 500]) for i in range(0, len(x), 500)])
+    g = torch.cat([bundle.router.twin_logits(x[i : i + 500], target) for i in range(0, len(x), 500)])
+    return f, g
+
+
+def margins(bundle: LoadedBundle, x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """f's labels and the twin's margin away from ``target`` for each image."""
+    f, g = logits(bundle, x, target)
+    return f.argmax(1), twin_margin(g.softmax(1), target)
+
+
+def measure(model_dir: Path) -> list[dict]:
+    case = load_case(model_dir)
+    bundle, data, x_trig = case.bundle, case.data, case.x_trig
     rows = []
     for t in bundle.router.targets:
         f_def, m_def = margins(bundle, data.clean.x[data.clean.y == t], t)

@@ -24,21 +24,10 @@ from pathlib import Path
 
 import torch
 
-from bna_gateway.mitigation.lab.attacks import AttackSpec, build_trigger
-from bna_gateway.mitigation.lab.datasets import load_ref
-from bna_gateway.models.bundle import load_bundle
 from bna_gateway.models.twins import twin_margin
-from flag_margin import run  # bench/ is the script's own folder, first on sys.path
+from flag_margin import load_case, logits, run  # bench/ is the script's own folder, first on sys.path
 
 QUANTILES = (0.9, 0.95, 0.98, 1.0)
-
-
-@torch.no_grad()
-def logits(bundle, x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """f's and the twin's logits, 500 images per pass."""
-    f = torch.cat([bundle.classifier(x[i : i + 500]) for i in range(0, len(x), 500)])
-    g = torch.cat([bundle.router.twin_logits(x[i : i + 500], target) for i in range(0, len(x), 500)])
-    return f, g
 
 
 def scores(f: torch.Tensor, g: torch.Tensor, target: int) -> dict[str, torch.Tensor]:
@@ -48,12 +37,8 @@ def scores(f: torch.Tensor, g: torch.Tensor, target: int) -> dict[str, torch.Ten
 
 
 def measure(model_dir: Path) -> list[dict]:
-    bundle = load_bundle(model_dir.parent / f"{model_dir.name}_bundle", "cpu")
-    attack = AttackSpec.load(model_dir / "attack.json")
-    data = load_ref(bundle.manifest.model.dataset)
-    trigger = build_trigger(attack, tuple(bundle.manifest.model.input.shape))
-    victims = attack.victims(data.test.y)
-    x_trig, y_trig = trigger(data.test.x[victims]), data.test.y[victims]
+    case = load_case(model_dir)
+    bundle, data, x_trig, y_trig = case.bundle, case.data, case.x_trig, case.y_trig
     rows = []
     for t in bundle.router.targets:
         f_def, g_def = logits(bundle, data.clean.x[data.clean.y == t], t)
