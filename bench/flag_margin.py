@@ -80,7 +80,8 @@ def measure(model_dir: Path) -> list[dict]:
                          "fpr_held_out_target": round(float(((f_held == t) & (m_held > thr)).float().mean()), 4),
                          "tpr": round(float(((f_trig == t) & (m_trig > thr)).float().mean()), 4),
                          "f_asr": round(float((f_trig == t).float().mean()), 4),
-                         "served_margin": bundle.router.twin_stats[t].flag_margin})
+                         "served_rule": bundle.router.twin_stats[t].flag_rule,
+                         "served_threshold": bundle.router.twin_stats[t].flag_threshold})
     return rows
 
 

@@ -99,7 +99,7 @@ def write_report(out: Path, bundle: LoadedBundle, evaluation: Evaluation | None,
               f"(MAD threshold {_fmt(m.detection.threshold)}, trigger type {m.detection.trigger_type}).", ""]
     for t in m.twins:
         lines.append(f"- target {t.target}: sources {t.sources}, anomaly score {_fmt(t.score)}, "
-                     f"serving margin {t.flag_margin:.3f}")
+                     f"flagged when {t.flag_rule} > {t.flag_threshold:.3f}")
     for pic in detection_pictures or []:
         lines += ["", f"![{pic}]({pic})"]
     if evaluation:

@@ -11,10 +11,10 @@ import json
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -22,7 +22,10 @@ from bna_gateway.models.network import Classifier, bn_layers, build_classifier, 
 from bna_gateway.models.spec import ModelSpec
 from bna_gateway.models.twins import TwinRouter, TwinStats
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# 1: a twin's flag threshold was ``flag_margin`` under the ``margin`` rule; 2 adds ``flag_rule`` and names the
+# threshold ``flag_threshold``. Schema 1 bundles still load and serve as they did.
+SUPPORTED_SCHEMAS = (1, 2)
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 
@@ -35,7 +38,8 @@ class TwinEntry(BaseModel):
     target: int
     file: str
     sources: list[int]
-    flag_margin: float = 0.0
+    flag_rule: Literal["logit_drop", "margin"] = "margin"  # schema 1 bundles: the margin rule
+    flag_threshold: float = Field(0.0, validation_alias=AliasChoices("flag_threshold", "flag_margin"))
     score: float | None = None
     divergence_before: dict[str, float] = Field(default_factory=dict)
     divergence_after: dict[str, float] = Field(default_factory=dict)
@@ -97,7 +101,7 @@ def load_twin(path: Path, entry: TwinEntry) -> TwinStats:
     var = {k[: -len(".running_var")]: v for k, v in tensors.items() if k.endswith(".running_var")}
     if set(mean) != set(var):
         raise BundleError(f"{path.name}: running_mean and running_var name different layers")
-    return TwinStats(entry.target, mean, var, entry.flag_margin, list(entry.sources))
+    return TwinStats(entry.target, mean, var, entry.flag_threshold, list(entry.sources), entry.flag_rule)
 
 
 def write_bundle(
@@ -121,7 +125,8 @@ def write_bundle(
         name = twin_file_name(stats.target)
         save_twin(stats, out_dir / name)
         entry = entries.get(stats.target) or TwinEntry(target=stats.target, file=name, sources=stats.sources)
-        entry = entry.model_copy(update={"file": name, "flag_margin": stats.flag_margin, "sources": stats.sources})
+        entry = entry.model_copy(update={"file": name, "flag_rule": stats.flag_rule,
+                                         "flag_threshold": stats.flag_threshold, "sources": stats.sources})
         final_entries.append(entry)
     files = {WEIGHTS: sha256_file(out_dir / WEIGHTS)}
     files.update({e.file: sha256_file(out_dir / e.file) for e in final_entries})
@@ -148,8 +153,9 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         manifest = Manifest.model_validate_json(path.read_text())
     except ValueError as exc:
         raise BundleError(f"{path} is malformed: {exc}") from exc
-    if manifest.schema_version != SCHEMA_VERSION:
-        raise BundleError(f"bundle schema {manifest.schema_version} is not supported (expected {SCHEMA_VERSION})")
+    if manifest.schema_version not in SUPPORTED_SCHEMAS:
+        raise BundleError(f"bundle schema {manifest.schema_version} is not supported (this gateway reads "
+                          f"{', '.join(map(str, SUPPORTED_SCHEMAS))})")
     return manifest
 
 

@@ -1,9 +1,10 @@
 """Twin execution: one copy of the weights, one small set of BatchNorm statistics per target class.
 
-The serving rule, shared by evaluation, the gateway and the offline calibration of the margin:
+The serving rule, shared by evaluation, the gateway and the offline calibration of its threshold:
 ``y = f(x)``; for images with ``y == t`` (t a detected target) run ``g(x | Theta_t)``; the image is
-flagged when the twin's margin away from ``t`` (``twin_margin``) exceeds the twin's calibrated
-``flag_margin``, and then the twin's label is returned. docs/method.md#serving-rule.
+flagged when the twin's flag score (``flag_score``: by default the drop of the target's logit from f to
+the twin) exceeds the twin's calibrated ``flag_threshold``, and then the twin's best class other than
+``t`` is returned. docs/method.md#serving-rule.
 """
 from __future__ import annotations
 
@@ -17,13 +18,31 @@ from bna_gateway.models.frozen import freeze, with_buffers
 from bna_gateway.models.network import backbone, bn_layers
 
 
+FLAG_RULES = ("logit_drop", "margin")
+
+
 def twin_margin(twin_probs: torch.Tensor, target: int) -> torch.Tensor:
     """[N] how far the twin moves each image away from ``target``: the largest probability of another
-    class minus the target's (positive: the twin prefers another class). The one quantity both the
-    serving rule and its calibration on the defender's clean images look at."""
+    class minus the target's (positive: the twin prefers another class). The ``margin`` rule's score."""
     others = twin_probs.clone()
     others[:, target] = -1.0
     return others.max(dim=1).values - twin_probs[:, target]
+
+
+def flag_score(rule: str, f_logits: torch.Tensor, g_logits: torch.Tensor, target: int) -> torch.Tensor:
+    """[N] the score the serving rule thresholds, for images f assigns to ``target``.
+
+    - ``logit_drop`` (bundles since schema 2): ``f``'s logit of the target minus the twin's. A trigger's
+      pull on the target runs through the BN statistics the twin re-fitted, so the twin takes it away;
+      on a clean target image the twin's statistics change little and so does the logit.
+    - ``margin`` (schema 1 bundles): the twin's ``twin_margin`` (probabilities; ``f`` not used).
+
+    The one quantity both serving and the offline calibration on the defender's clean images look at."""
+    if rule == "logit_drop":
+        return f_logits[:, target] - g_logits[:, target]
+    if rule == "margin":
+        return twin_margin(g_logits.softmax(dim=1), target)
+    raise ValueError(f"unknown flag rule {rule!r}: use one of {', '.join(FLAG_RULES)}")
 
 
 @dataclass
@@ -33,8 +52,13 @@ class TwinStats:
     target: int
     running_mean: dict[str, torch.Tensor]
     running_var: dict[str, torch.Tensor]
-    flag_margin: float = 0.0
+    flag_threshold: float = 0.0  # flag when flag_score(flag_rule, ...) exceeds this
     sources: list[int] = field(default_factory=list)
+    flag_rule: str = "margin"  # 'margin' at 0 is the plain "labels differ" rule
+
+    def __post_init__(self) -> None:
+        if self.flag_rule not in FLAG_RULES:
+            raise ValueError(f"unknown flag rule {self.flag_rule!r}: use one of {', '.join(FLAG_RULES)}")
 
     def buffers(self, prefix: str = "") -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -48,8 +72,9 @@ class TwinStats:
             self.target,
             {k: v.to(device) for k, v in self.running_mean.items()},
             {k: v.to(device) for k, v in self.running_var.items()},
-            self.flag_margin,
+            self.flag_threshold,
             list(self.sources),
+            self.flag_rule,
         )
 
 
@@ -137,9 +162,12 @@ class TwinRouter(nn.Module):
             idx = (original == target).nonzero(as_tuple=True)[0]
             if idx.numel() == 0:
                 continue
-            g_probs = self.twin_logits(x[idx], target).softmax(dim=1)
+            stats = self.twin_stats[target]
+            g_logits = self.twin_logits(x[idx], target)
+            flag = flag_score(stats.flag_rule, logits[idx], g_logits, target) > stats.flag_threshold
+            g_probs = g_logits.softmax(dim=1)
+            g_probs[:, target] = -1.0  # a flagged image gets the twin's best class other than the target
             g_conf, g_label = g_probs.max(dim=1)
-            flag = twin_margin(g_probs, target) > self.twin_stats[target].flag_margin
             checked[idx] = True
             flagged[idx] = flag
             label[idx] = torch.where(flag, g_label, original[idx])

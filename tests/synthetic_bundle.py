@@ -104,7 +104,7 @@ def _perturbed_twin(classifier: torch.nn.Module, trial: int) -> TwinStats:
     for name, bn in bn_layers(classifier.net).items():
         mean[name] = bn.running_mean + 0.2 * torch.randn(bn.running_mean.shape, generator=g)
         var[name] = bn.running_var * torch.exp(0.2 * torch.randn(bn.running_var.shape, generator=g))
-    return TwinStats(TARGET, mean, var, flag_margin=0.0, sources=[SOURCE])
+    return TwinStats(TARGET, mean, var, flag_threshold=0.0, sources=[SOURCE])
 
 
 @torch.no_grad()

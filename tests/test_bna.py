@@ -5,19 +5,21 @@ trigger, so these tests judge the BNA step alone, independently of how well dete
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
 import tiny_models as tm
 from bna_gateway.mitigation.bna import BNAConfig, TwinFit, fit_twin
-from bna_gateway.mitigation.bna.fit import embed_round_robin, fit_sets, lr_factor
+from bna_gateway.mitigation.bna.fit import calibrate_flag, embed_round_robin, fit_sets, lr_factor
 from bna_gateway.mitigation.bna.histogram import BinSpec, divergence, hard_histogram, soft_histogram
 from bna_gateway.mitigation.bna.stats import channel_view
 from bna_gateway.mitigation.detection import TargetTrigger
 from bna_gateway.mitigation.triggers import PERTURBATION, Identity, Trigger
 from bna_gateway.models.network import bn_layers
-from bna_gateway.models.twins import TwinRouter, TwinStats
+from bna_gateway.models.twins import TwinRouter, TwinStats, flag_score
 
 
 # ---------------------------------------------------------------- histograms and divergences
@@ -179,12 +181,59 @@ def test_routing_corrects_triggered_images_and_leaves_clean_ones(seeds: tuple[in
     assert mean(tpr) >= 0.85 and mean(corrected) >= 0.85 and mean(fpr) <= 0.05, (tpr, corrected, fpr)
 
 
-def test_flag_margin_is_the_calibrated_threshold(fitted: tuple[tm.TinyModel, TwinFit]) -> None:
+def test_the_flag_threshold_is_calibrated_on_the_defenders_clean_target_images(
+        fitted: tuple[tm.TinyModel, TwinFit]) -> None:
     m, fit = fitted
-    strict = TwinStats(fit.stats.target, fit.stats.running_mean, fit.stats.running_var, 2.0, fit.stats.sources)
+    assert fit.stats.flag_rule == "logit_drop"  # the default rule
+    x, y = tm.defender_set(m)
+    clean_target = x[y == tm.TARGET]
+    with torch.no_grad():
+        to_t = clean_target[m.classifier(clean_target).argmax(1) == tm.TARGET]
+        score = flag_score("logit_drop", m.classifier(to_t), TwinRouter(m.classifier, [fit.stats]).twin_logits(
+            to_t, tm.TARGET), tm.TARGET)
+    assert len(to_t) >= 5
+    assert fit.stats.flag_threshold == pytest.approx(float(score.max()), rel=1e-4, abs=1e-5)  # quantile 1.0: the largest
+    out = TwinRouter(m.classifier, [fit.stats])(to_t)
+    assert bool(out.checked_by_twin.all()) and not bool(out.trigger_detected.any())  # none of them flagged
+    lower = calibrate_flag(m.classifier, fit.stats, clean_target, "logit_drop", 0.5)
+    assert lower.flag_threshold == pytest.approx(float(torch.quantile(score, 0.5)), rel=1e-4, abs=1e-5)
+    assert lower.flag_threshold <= fit.stats.flag_threshold
+    margin = calibrate_flag(m.classifier, fit.stats, clean_target, "margin", 1.0)
+    assert margin.flag_rule == "margin" and margin.flag_threshold >= 0.0
+    fallback = calibrate_flag(m.classifier, fit.stats, clean_target[:0], "logit_drop", 1.0)
+    assert (fallback.flag_rule, fallback.flag_threshold) == ("margin", 0.0)  # nothing to calibrate on
+
+
+@pytest.mark.parametrize("rule, never", [("margin", 2.0), ("logit_drop", 1e9)])
+def test_a_threshold_no_score_reaches_flags_nothing(fitted: tuple[tm.TinyModel, TwinFit], rule: str,
+                                                    never: float) -> None:
+    m, fit = fitted
+    strict = replace(fit.stats, flag_rule=rule, flag_threshold=never)  # a margin can never exceed 1
     out = TwinRouter(m.classifier, [strict])(m.trigger(m.data.test.x[:20]))
-    assert not bool(out.trigger_detected.any())  # a margin can never exceed 1: nothing is flagged
+    assert bool(out.checked_by_twin.any()) and not bool(out.trigger_detected.any())
     assert torch.equal(out.label, out.original_label)
+
+
+def test_a_flagged_image_never_gets_the_target_label(fitted: tuple[tm.TinyModel, TwinFit]) -> None:
+    m, fit = fitted
+    always = replace(fit.stats, flag_threshold=-1e9)  # flag every image f sends to the target
+    x = torch.cat([m.trigger(m.data.test.x[:40]), m.data.test.x[:40]])
+    out = TwinRouter(m.classifier, [always])(x)
+    assert bool(out.trigger_detected.any()) and torch.equal(out.trigger_detected, out.checked_by_twin)
+    assert not bool((out.label[out.trigger_detected] == tm.TARGET).any())
+    with torch.no_grad():
+        g = TwinRouter(m.classifier, [always]).twin_logits(x[out.trigger_detected], tm.TARGET)
+    g[:, tm.TARGET] = -float("inf")
+    assert torch.equal(out.label[out.trigger_detected], g.argmax(1))
+
+
+def test_an_unknown_flag_rule_is_refused(fitted: tuple[tm.TinyModel, TwinFit]) -> None:
+    with pytest.raises(ValueError, match="unknown flag rule"):
+        replace(fitted[1].stats, flag_rule="vote")
+    with pytest.raises(ValueError, match="unknown flag rule"):
+        BNAConfig(flag_rule="vote")
+    with pytest.raises(ValueError, match="flag quantile"):
+        BNAConfig(flag_quantile=1.5)
 
 
 def test_a_router_without_twins_is_exactly_f() -> None:

@@ -554,3 +554,11 @@ def test_scores_table_explains_eliminations_and_additions() -> None:
     assert "source 4 added to target 9: its trigger sends 98%" in text
     assert "pair 1 -> 9 (patch): the trigger of 0 -> 9 also works there (86%): size 7.25 -> 2.00" in text
     assert "statistic: source, threshold 7.0" in text
+
+
+def test_the_score_histogram_survives_degenerate_scores() -> None:
+    from bna_gateway.mitigation.detection.pictures import score_bins
+
+    for scores in ([2.2e14], [3.05e14, 0.0, 0.0, float("inf")], [1.0, 1.0], [], [float("nan"), 2.0]):
+        edges = score_bins(scores)
+        assert len(edges) == 41 and all(b > a for a, b in zip(edges, edges[1:])), scores

@@ -175,3 +175,25 @@ def test_a_bundle_written_before_the_namespace_change_still_loads(tmp_path: Path
             torch.testing.assert_close(loaded.router.twin_logits(x, 3), torch.tensor(expected["twin_3_logits"]),
                                        atol=1e-5, rtol=0)
         assert loaded.router.targets == [3]
+
+
+def test_a_schema_1_bundle_keeps_its_margin_rule_and_a_new_one_records_its_rule(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from bna_gateway.models.bundle import SCHEMA_VERSION, load_bundle, read_manifest, write_bundle
+
+    old = load_bundle(FIXTURES / "bundle_v0_1")  # schema 1: 'flag_margin' 0.05, no rule
+    assert old.manifest.schema_version == 1
+    stats = old.router.twin_stats[3]
+    assert (stats.flag_rule, stats.flag_threshold) == ("margin", pytest.approx(0.05))
+    new = replace(stats, flag_rule="logit_drop", flag_threshold=1.25)
+    write_bundle(tmp_path / "b", old.manifest.model, old.classifier.net, [new], old.manifest.detection)
+    raw = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert raw["schema_version"] == SCHEMA_VERSION == 2
+    assert (raw["twins"][0]["flag_rule"], raw["twins"][0]["flag_threshold"]) == ("logit_drop", 1.25)
+    reloaded = load_bundle(tmp_path / "b").router.twin_stats[3]
+    assert (reloaded.flag_rule, reloaded.flag_threshold) == ("logit_drop", 1.25)
+    raw["schema_version"] = 3
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(Exception, match="schema 3 is not supported"):
+        read_manifest(tmp_path / "b")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bna_gateway.models.twins import TwinStats
+from bna_gateway.models.twins import FLAG_RULES, TwinStats
 
 DIVERGENCES = ("tv", "js", "kl")
 
@@ -20,7 +20,8 @@ class BNAConfig:
     layer_weighting: bool = True  # weight each layer by its divergence before fitting
     chunk: int = 512  # images per forward pass
     grid: int | None = 7  # histogram over a fixed ~7x7 grid of positions per feature map (None: all)
-    margin_quantile: float = 0.9  # serving threshold: this quantile of clean target images' twin margin
+    flag_rule: str = "logit_drop"  # serving rule's score (models.twins.flag_score; docs/method.md#serving-rule)
+    flag_quantile: float = 1.0  # its threshold: this quantile of the score on clean target images f sends to t
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -28,6 +29,10 @@ class BNAConfig:
             raise ValueError(f"unknown divergence {self.divergence!r}: use tv, js or kl")
         if self.steps < 0 or self.warmup < 0 or not self.lr > 0:
             raise ValueError("BNA steps and warm-up must be 0 or more, and the learning rate above 0")
+        if self.flag_rule not in FLAG_RULES:
+            raise ValueError(f"unknown flag rule {self.flag_rule!r}: use one of {', '.join(FLAG_RULES)}")
+        if not 0.0 <= self.flag_quantile <= 1.0:
+            raise ValueError(f"flag quantile must lie in [0, 1], got {self.flag_quantile}")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from bna_gateway.mitigation.bna.config import BNAConfig, TwinFit
 from bna_gateway.mitigation.bna.histogram import BinSpec, divergence, hard_histogram, soft_histogram
 from bna_gateway.mitigation.bna.stats import Stats, capture_bn_outputs, channel_view, reestimate_bn, twin_layers
-from bna_gateway.models.twins import TwinRouter, TwinStats, twin_margin
+from bna_gateway.models.twins import TwinRouter, TwinStats, flag_score
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +174,11 @@ def fit_twin(model: nn.Module, target: int, x: torch.Tensor, y: torch.Tensor, so
     after = per_layer(ref, layer_histograms(model, cand_x, ref, cfg, final), cfg.divergence)
     stats = TwinStats(target, {n: m.cpu() for n, (m, _) in final.items()},
                       {n: v.cpu() for n, (_, v) in final.items()}, 0.0, list(sources))
-    stats.flag_margin = calibrate_margin(model, stats, clean_target, target, cfg.margin_quantile)
+    stats = calibrate_flag(model, stats, clean_target, cfg.flag_rule, cfg.flag_quantile)
     seconds = time.perf_counter() - start
-    log.info("twin for target %d: loss %.4f -> %.4f in %.1f s, flag margin %.3f", target,
-             history[0] if history else float("nan"), min(history, default=float("nan")), seconds, stats.flag_margin)
+    log.info("twin for target %d: loss %.4f -> %.4f in %.1f s, flag %s > %.3f", target,
+             history[0] if history else float("nan"), min(history, default=float("nan")), seconds,
+             stats.flag_rule, stats.flag_threshold)
     return TwinFit(stats, before, after, init, history, seconds)
 
 
@@ -245,12 +246,28 @@ def full_set_backward(model: nn.Module, cand_x: torch.Tensor, ref: Reference, we
 
 
 @torch.no_grad()
-def calibrate_margin(model: nn.Module, stats: TwinStats, clean_target: torch.Tensor, target: int,
-                     quantile: float) -> float:
-    """Serving threshold on the twin's margin (``models.twins.twin_margin``): its ``quantile`` over the
-    defender's clean images of the target class (never below 0, the plain 'labels differ' rule)."""
-    if len(clean_target) == 0 or quantile <= 0:
-        return 0.0
-    router = TwinRouter(model, [stats]).to(clean_target.device)
-    margin = twin_margin(router.twin_logits(clean_target, target).softmax(1), target)
-    return max(0.0, float(torch.quantile(margin, quantile)))
+def calibrate_flag(model: nn.Module, stats: TwinStats, clean_target: torch.Tensor, rule: str,
+                   quantile: float) -> TwinStats:
+    """``stats`` with its serving rule and threshold: the ``quantile`` of ``models.twins.flag_score`` over
+    the defender's clean images of the target class that ``f`` assigns to it (the only ones the gateway
+    sends to the twin). With the default quantile 1.0 no calibration image is flagged; held-out clean
+    images of the target are flagged at about ``1 / (n + 1)`` for ``n`` calibration images.
+
+    Under ``margin`` the threshold is never below 0 (the plain "labels differ" rule). With no calibration
+    image at all, the twin falls back to that rule (``margin`` at 0): a threshold cannot be guessed."""
+    target = stats.target
+    if len(clean_target):
+        router = TwinRouter(model, [stats]).to(clean_target.device)
+        f_logits = router.logits(clean_target)
+        keep = f_logits.argmax(1) == target
+        score = flag_score(rule, f_logits[keep], router.twin_logits(clean_target[keep], target), target)
+    else:
+        score = torch.empty(0)
+    if len(score) == 0:
+        log.warning("twin for target %d: no clean image of the target class that f assigns to it; "
+                    "flagging by the plain 'labels differ' rule", target)
+        return replace(stats, flag_rule="margin", flag_threshold=0.0)
+    threshold = float(torch.quantile(score.float(), quantile))
+    if rule == "margin":
+        threshold = max(0.0, threshold)
+    return replace(stats, flag_rule=rule, flag_threshold=threshold)

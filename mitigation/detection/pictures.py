@@ -1,6 +1,7 @@
 """Pictures a person would rather look at than JSON: anomaly-score histogram and estimated triggers."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -13,15 +14,29 @@ from bna_gateway.mitigation.detection.records import DetectionResult  # noqa: E4
 from bna_gateway.mitigation.triggers import family, family_of  # noqa: E402
 
 
+def score_bins(scores: list[float], n: int = 40) -> list[float]:
+    """``n`` equal bins over the finite scores, wide enough to be distinct even where every score is the same
+    huge number (a degenerate MAD gives scores of 1e14, where numpy's own bins would collapse)."""
+    finite = [s for s in scores if math.isfinite(s)] or [0.0]
+    lo, hi = min(finite), max(finite)
+    pad = max(abs(lo), abs(hi), 1.0) * 1e-3
+    if hi - lo < pad:
+        lo, hi = lo - pad, hi + pad
+    return torch.linspace(lo, hi, n + 1, dtype=torch.float64).tolist()
+
+
 def plot_scores(result: DetectionResult, path: Path) -> str:
     fams = sorted({f for p in result.pairs for f in p.by_family})
     fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.5), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         scores = [p.by_family[fam].score for p in result.pairs]
         flagged = [p.by_family[fam].score for p in result.pairs if p.flagged and p.family == fam]
-        ax.hist(scores, bins=40, color="#7a9cc6", label="all pairs")
+        bins = score_bins(scores)
+        ax.hist([min(max(s, bins[0]), bins[-1]) for s in scores if not math.isnan(s)], bins=bins, color="#7a9cc6",
+                label="all pairs")
         if flagged:
-            ax.hist(flagged, bins=40, color="#d9534f", label="flagged")
+            ax.hist([min(max(s, bins[0]), bins[-1]) for s in flagged if not math.isnan(s)], bins=bins,
+                    color="#d9534f", label="flagged")
         ax.axvline(result.threshold, color="k", ls="--", label=f"threshold {result.threshold:g}")
         ax.set_title(f"MAD anomaly score ({fam})")
         ax.set_xlabel("score")

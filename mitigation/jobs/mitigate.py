@@ -81,7 +81,8 @@ def build_bundle(model: LoadedModel, clean: ImageSet, detection: DetectionResult
                  run: RunOptions) -> tuple[Manifest, list[TwinReport]]:
     """Fit the twins and write the bundle (no twins when nothing was detected)."""
     fits = fit_twins(model, clean, detection, cfg, run)
-    entries = [TwinEntry(target=trig.target, file="", sources=trig.sources, flag_margin=fit.stats.flag_margin,
+    entries = [TwinEntry(target=trig.target, file="", sources=trig.sources, flag_rule=fit.stats.flag_rule,
+                         flag_threshold=fit.stats.flag_threshold,
                          score=trig.score, divergence_before=fit.divergence_before,
                          divergence_after=fit.divergence_after) for trig, fit in fits]
     reports = [TwinReport(trig.target, trig.sources, trig.fit_classes, sorted(trig.alternatives),
