@@ -207,7 +207,7 @@ def _ours(attack: str, bundle: LoadedBundle, ev: Evaluation, x: torch.Tensor, y:
     of_targets = torch.isin(y, torch.tensor(targets))
     forwards = 1 + float(routed.checked_by_twin.float().mean())  # f for every image, g_t for those f gives t
     info["detectors"]["bna"] = {
-        "tpr": ev.tpr, "fpr": ev.fpr, "fpr_all_clean": ev.fpr_all_clean,
+        "tpr": ev.tpr, "tpr_when_f_fooled": ev.tpr_when_f_fooled, "fpr": ev.fpr, "fpr_all_clean": ev.fpr_all_clean,
         "fpr_true_target_class": float(routed.trigger_detected[of_targets].float().mean()),
         "forwards_clean": forwards, "forwards_triggered": 1 + float(routed_t.checked_by_twin.float().mean()),
         "detected_targets": ev.detected_targets}

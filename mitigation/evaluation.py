@@ -38,6 +38,7 @@ class Evaluation:
     vanilla: AttackMetrics
     mitigated: AttackMetrics
     tpr: float | None  # triggered images flagged
+    tpr_when_f_fooled: float | None  # triggered images f gives the attack's target, flagged (what must be caught)
     fpr: float  # clean images of the detected target classes flagged
     fpr_all_clean: float
     detected_targets: list[int]
@@ -57,7 +58,7 @@ class Evaluation:
         return {
             "vanilla": self.vanilla.as_dict(),
             "mitigated": self.mitigated.as_dict(),
-            "trigger_detection": {"tpr": self.tpr, "fpr": self.fpr, "fpr_all_clean": self.fpr_all_clean},
+            "trigger_detection": {"tpr": self.tpr, "tpr_when_f_fooled": self.tpr_when_f_fooled, "fpr": self.fpr, "fpr_all_clean": self.fpr_all_clean},
             "detected_targets": self.detected_targets,
             "true_targets": self.true_targets,
             "der": self.der,
@@ -121,10 +122,13 @@ def evaluate_bundle(bundle: LoadedBundle, attack: AttackSpec, test: ImageSet) ->
     targets = bundle.router.targets
     of_targets = torch.isin(y, torch.tensor(targets, dtype=y.dtype))
     tgt = attack.target_of(y[victims], k)
+    fooled = (van_trig == tgt.to(van_trig.device)).cpu() if van_trig is not None else None
     return Evaluation(
         vanilla=metrics(van_clean, van_trig),
         mitigated=metrics(routed_clean.label, routed_trig.label if routed_trig is not None else None),
         tpr=float(routed_trig.trigger_detected.float().mean()) if routed_trig is not None and len(routed_trig) else None,
+        tpr_when_f_fooled=float(routed_trig.trigger_detected[fooled].float().mean())
+        if routed_trig is not None and fooled is not None and bool(fooled.any()) else None,
         fpr=float(routed_clean.trigger_detected[of_targets].float().mean()) if of_targets.any() else 0.0,
         fpr_all_clean=float(routed_clean.trigger_detected.float().mean()),
         detected_targets=targets,

@@ -107,7 +107,8 @@ def write_report(out: Path, bundle: LoadedBundle, evaluation: Evaluation | None,
         lines += ["", "## Metrics (held-out test split)", "", "| model | ACC | ASR | SIA |", "|---|---|---|---|",
                   f"| f (vanilla) | {_fmt(v.acc)} | {_fmt(v.asr)} | {_fmt(v.sia)} |",
                   f"| gateway (f + twins) | {_fmt(mi.acc)} | {_fmt(mi.asr)} | {_fmt(mi.sia)} |", "",
-                  f"Trigger detection: TPR {_fmt(evaluation.tpr)}, FPR {_fmt(evaluation.fpr)} (clean images of the "
+                  f"Trigger detection: TPR {_fmt(evaluation.tpr)} ({_fmt(evaluation.tpr_when_f_fooled)} of the "
+                  f"triggered images f gives the target), FPR {_fmt(evaluation.fpr)} (clean images of the "
                   f"detected target classes flagged). DER {_fmt(evaluation.der)}."]
     pic = plot_layer_divergence(bundle, out / "layer_divergence.png")
     if pic:

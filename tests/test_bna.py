@@ -318,3 +318,20 @@ def test_a_candidate_set_over_one_pass_is_fitted_in_chunks() -> None:
     changed = sum(not torch.allclose(fit.stats.running_mean[n], bn.running_mean)
                   for n, bn in bn_layers(m.classifier.net).items())
     assert changed >= 1
+
+
+def test_a_large_candidate_set_is_thinned_evenly_to_one_pass() -> None:
+    from bna_gateway.mitigation.bna.fit import thin
+
+    trig = torch.arange(800.0).view(800, 1)  # 8 classes x 100, in class order
+    tgt = 1000 + torch.arange(50.0).view(50, 1)
+    assert torch.equal(thin(trig[:450], tgt, 512), torch.cat([trig[:450], tgt]))  # fits: untouched
+    assert torch.equal(thin(trig, tgt, None), torch.cat([trig, tgt]))
+    out = thin(trig, tgt, 512)
+    assert len(out) == 512 and len(out.unique()) == 512
+    kept_tgt = int((out >= 1000).sum())
+    assert kept_tgt == round(512 * 50 / 850)  # the target's share kept
+    per_class = torch.bincount((out[out < 1000] // 100).long().view(-1), minlength=8)
+    assert int(per_class.max() - per_class.min()) <= 1  # every class in proportion
+    with pytest.raises(ValueError, match="max_fit_images"):
+        BNAConfig(max_fit_images=0)

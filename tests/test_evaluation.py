@@ -34,6 +34,10 @@ def test_the_gateway_removes_the_backdoor_and_says_so_per_source_class(mitigated
     assert sum(r["asr"] * r["n"] for r in rows) / n == pytest.approx(g["asr"], abs=1e-3)
     assert sum(r["sia"] * r["n"] for r in rows) / n == pytest.approx(g["sia"], abs=1e-3)
     assert mitigated["trigger_detection"]["tpr"] >= 0.75 and mitigated["true_targets"] == [tm.TARGET]
+    # of the triggered images f gives the target, at least as large a share is flagged (the others are
+    # only flagged when f sent them to the target anyway: a triggered image f keeps right is never checked)
+    det = mitigated["trigger_detection"]
+    assert det["tpr_when_f_fooled"] >= det["tpr"] - 1e-9
 
 
 def test_without_twins_the_gateway_is_f() -> None:
@@ -44,3 +48,4 @@ def test_without_twins_the_gateway_is_f() -> None:
     assert doc["mitigated"] == doc["vanilla"]
     assert all(r["asr"] == r["f_asr"] for r in doc["per_source_class"])
     assert doc["trigger_detection"]["tpr"] == 0.0 and doc["trigger_detection"]["fpr"] == 0.0
+    assert doc["trigger_detection"]["tpr_when_f_fooled"] == 0.0

@@ -19,6 +19,7 @@ class BNAConfig:
     include_target_clean: bool = True  # clean target-class images in both sets keep their features intact
     layer_weighting: bool = True  # weight each layer by its divergence before fitting
     chunk: int = 512  # images per forward pass
+    max_fit_images: int | None = 512  # candidate images per twin fit (more: thinned evenly; None: all of them)
     grid: int | None = 7  # histogram over a fixed ~7x7 grid of positions per feature map (None: all)
     flag_rule: str = "logit_drop"  # serving rule's score (models.twins.flag_score; docs/method.md#serving-rule)
     flag_quantile: float = 1.0  # its threshold: this quantile of the score on clean target images f sends to t
@@ -29,6 +30,8 @@ class BNAConfig:
             raise ValueError(f"unknown divergence {self.divergence!r}: use tv, js or kl")
         if self.steps < 0 or self.warmup < 0 or not self.lr > 0:
             raise ValueError("BNA steps and warm-up must be 0 or more, and the learning rate above 0")
+        if self.max_fit_images is not None and self.max_fit_images < 1:
+            raise ValueError(f"max_fit_images must be at least 1 (or None for all), got {self.max_fit_images}")
         if self.flag_rule not in FLAG_RULES:
             raise ValueError(f"unknown flag rule {self.flag_rule!r}: use one of {', '.join(FLAG_RULES)}")
         if not 0.0 <= self.flag_quantile <= 1.0:

@@ -84,7 +84,9 @@ def fit_sets(x: torch.Tensor, y: torch.Tensor, target: int, sources: list[int], 
     """The reference images (clean), the candidate images (triggered), and the clean target images.
 
     The source images are repeated until they weigh as much as the aux classes' (the twin serves S(t)
-    first), each copy with the next trigger variant; the clean target images join both sets."""
+    first), each copy with the next trigger variant; the clean target images join both sets. A candidate
+    set over ``cfg.max_fit_images`` is thinned evenly (``thin``): every class and variant keeps its share,
+    and each optimisation step stays one pass. The clean target images returned for calibration are all."""
     src = x[torch.isin(y, torch.tensor(sources, device=y.device))]
     extra_classes = [c for c in aux if c not in sources and c != target]
     extra = x[torch.isin(y, torch.tensor(extra_classes, dtype=y.dtype, device=y.device))]
@@ -93,8 +95,20 @@ def fit_sets(x: torch.Tensor, y: torch.Tensor, target: int, sources: list[int], 
     tgt = x[y == target]
     trig = embed_round_robin(src, triggers, cfg.chunk)
     ref_x = torch.cat([src, tgt]) if cfg.include_target_clean else src
-    cand_x = torch.cat([trig, tgt]) if cfg.include_target_clean else trig
+    cand_x = thin(trig, tgt if cfg.include_target_clean else tgt[:0], cfg.max_fit_images)
     return ref_x, cand_x, tgt
+
+
+def thin(trig: torch.Tensor, tgt: torch.Tensor, cap: int | None) -> torch.Tensor:
+    """``[trig; tgt]``, or when longer than ``cap`` an evenly spaced selection of each part in proportion
+    (the parts are ordered by class, the variants interleaved, so every class and variant keeps its share)."""
+    total = len(trig) + len(tgt)
+    if cap is None or total <= cap:
+        return torch.cat([trig, tgt])
+    keep_tgt = min(len(tgt), round(cap * len(tgt) / total))
+    parts = [(trig, cap - keep_tgt), (tgt, keep_tgt)]
+    return torch.cat([part[torch.linspace(0, len(part) - 1, k, device=part.device).round().long()] if k else part[:0]
+                      for part, k in parts])
 
 
 def layer_histograms(model: nn.Module, x: torch.Tensor, ref: Reference, cfg: BNAConfig, stats: Stats | None = None,
