@@ -58,7 +58,8 @@ class Evaluation:
         return {
             "vanilla": self.vanilla.as_dict(),
             "mitigated": self.mitigated.as_dict(),
-            "trigger_detection": {"tpr": self.tpr, "tpr_when_f_fooled": self.tpr_when_f_fooled, "fpr": self.fpr, "fpr_all_clean": self.fpr_all_clean},
+            "trigger_detection": {"tpr": self.tpr, "tpr_when_f_fooled": self.tpr_when_f_fooled, "fpr": self.fpr,
+                                  "fpr_all_clean": self.fpr_all_clean},
             "detected_targets": self.detected_targets,
             "true_targets": self.true_targets,
             "der": self.der,

@@ -21,6 +21,13 @@ from bna_gateway.models.network import backbone, bn_layers
 FLAG_RULES = ("logit_drop", "margin")
 
 
+def check_flag_rule(rule: str) -> str:
+    """``rule`` if it is one of ``FLAG_RULES``; a ValueError naming them otherwise."""
+    if rule not in FLAG_RULES:
+        raise ValueError(f"unknown flag rule {rule!r}: use one of {', '.join(FLAG_RULES)}")
+    return rule
+
+
 def twin_margin(twin_probs: torch.Tensor, target: int) -> torch.Tensor:
     """[N] how far the twin moves each image away from ``target``: the largest probability of another
     class minus the target's (positive: the twin prefers another class). The ``margin`` rule's score."""
@@ -40,9 +47,8 @@ def flag_score(rule: str, f_logits: torch.Tensor, g_logits: torch.Tensor, target
     The one quantity both serving and the offline calibration on the defender's clean images look at."""
     if rule == "logit_drop":
         return f_logits[:, target] - g_logits[:, target]
-    if rule == "margin":
-        return twin_margin(g_logits.softmax(dim=1), target)
-    raise ValueError(f"unknown flag rule {rule!r}: use one of {', '.join(FLAG_RULES)}")
+    check_flag_rule(rule)
+    return twin_margin(g_logits.softmax(dim=1), target)
 
 
 @dataclass
@@ -57,8 +63,7 @@ class TwinStats:
     flag_rule: str = "margin"  # 'margin' at 0 is the plain "labels differ" rule
 
     def __post_init__(self) -> None:
-        if self.flag_rule not in FLAG_RULES:
-            raise ValueError(f"unknown flag rule {self.flag_rule!r}: use one of {', '.join(FLAG_RULES)}")
+        check_flag_rule(self.flag_rule)
 
     def buffers(self, prefix: str = "") -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bna_gateway.models.twins import FLAG_RULES, TwinStats
+from bna_gateway.models.twins import TwinStats, check_flag_rule
 
 DIVERGENCES = ("tv", "js", "kl")
 
@@ -32,8 +32,7 @@ class BNAConfig:
             raise ValueError("BNA steps and warm-up must be 0 or more, and the learning rate above 0")
         if self.max_fit_images is not None and self.max_fit_images < 1:
             raise ValueError(f"max_fit_images must be at least 1 (or None for all), got {self.max_fit_images}")
-        if self.flag_rule not in FLAG_RULES:
-            raise ValueError(f"unknown flag rule {self.flag_rule!r}: use one of {', '.join(FLAG_RULES)}")
+        check_flag_rule(self.flag_rule)
         if not 0.0 <= self.flag_quantile <= 1.0:
             raise ValueError(f"flag quantile must lie in [0, 1], got {self.flag_quantile}")
 

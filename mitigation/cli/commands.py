@@ -143,8 +143,8 @@ def evaluate(args: argparse.Namespace) -> int:
     print(_metrics_line("mitigated", ev.mitigated))
     tpr = "-" if ev.tpr is None else f"{ev.tpr:.3f}"
     fooled = "-" if ev.tpr_when_f_fooled is None else f"{ev.tpr_when_f_fooled:.3f}"
-    print(f"trigger detection TPR {tpr} ({fooled} of the triggered images f gives the target) FPR {ev.fpr:.3f}; detected {ev.detected_targets} (true {ev.true_targets}); "
-          f"DER {ev.der}")
+    print(f"trigger detection TPR {tpr} ({fooled} of the triggered images f gives the target) FPR {ev.fpr:.3f}; "
+          f"detected {ev.detected_targets} (true {ev.true_targets}); DER {ev.der}")
     return 0
 
 

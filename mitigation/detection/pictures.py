@@ -25,6 +25,11 @@ def score_bins(scores: list[float], n: int = 40) -> list[float]:
     return torch.linspace(lo, hi, n + 1, dtype=torch.float64).tolist()
 
 
+def _clip(scores: list[float], bins: list[float]) -> list[float]:
+    """The scores that are numbers, infinite ones moved onto the outer bin edges."""
+    return [min(max(s, bins[0]), bins[-1]) for s in scores if not math.isnan(s)]
+
+
 def plot_scores(result: DetectionResult, path: Path) -> str:
     fams = sorted({f for p in result.pairs for f in p.by_family})
     fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.5), squeeze=False)
@@ -32,11 +37,9 @@ def plot_scores(result: DetectionResult, path: Path) -> str:
         scores = [p.by_family[fam].score for p in result.pairs]
         flagged = [p.by_family[fam].score for p in result.pairs if p.flagged and p.family == fam]
         bins = score_bins(scores)
-        ax.hist([min(max(s, bins[0]), bins[-1]) for s in scores if not math.isnan(s)], bins=bins, color="#7a9cc6",
-                label="all pairs")
+        ax.hist(_clip(scores, bins), bins=bins, color="#7a9cc6", label="all pairs")
         if flagged:
-            ax.hist([min(max(s, bins[0]), bins[-1]) for s in flagged if not math.isnan(s)], bins=bins,
-                    color="#d9534f", label="flagged")
+            ax.hist(_clip(flagged, bins), bins=bins, color="#d9534f", label="flagged")
         ax.axvline(result.threshold, color="k", ls="--", label=f"threshold {result.threshold:g}")
         ax.set_title(f"MAD anomaly score ({fam})")
         ax.set_xlabel("score")
