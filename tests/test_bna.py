@@ -335,3 +335,43 @@ def test_a_large_candidate_set_is_thinned_evenly_to_one_pass() -> None:
     assert int(per_class.max() - per_class.min()) <= 1  # every class in proportion
     with pytest.raises(ValueError, match="max_fit_images"):
         BNAConfig(max_fit_images=0)
+
+
+def test_targets_that_share_one_stamp_share_one_fit_each_with_its_own_flag() -> None:
+    """An all-to-all backdoor's targets share one stamp: one fit on the union of their sources and trigger
+    variants, with every target's clean images; each target keeps its sources and gets the flag threshold
+    of its own clean images."""
+    from bna_gateway.mitigation.bna import fit_shared_twin
+
+    m = tm.backdoored()
+    x, y = tm.defender_set(m)
+    other = (tm.TARGET + 1) % tm.NUM_CLASSES
+    sources = {tm.TARGET: [0, 1], other: [2]}
+    cfg = BNAConfig(progress=False, steps=3)
+    with tm.one_thread():
+        _, cand_x, clean = fit_sets(x, y, [tm.TARGET, other], [0, 1, 2], [], [m.trigger], cfg)
+        fits = fit_shared_twin(m.classifier, [tm.TARGET, other], x, y, sources, m.trigger, cfg)
+    assert torch.equal(clean, x[torch.isin(y, torch.tensor([tm.TARGET, other]))])  # both targets' clean images
+    assert len(cand_x) == int(torch.isin(y, torch.tensor([0, 1, 2])).sum()) + len(clean)
+    a, b = fits
+    assert (a.stats.target, b.stats.target) == (tm.TARGET, other)
+    assert (a.stats.sources, b.stats.sources) == ([0, 1], [2])
+    for n in a.stats.running_mean:
+        assert torch.equal(a.stats.running_mean[n], b.stats.running_mean[n])
+        assert torch.equal(a.stats.running_var[n], b.stats.running_var[n])
+    assert len(a.loss_history) == 3 and a.loss_history == b.loss_history
+    for fit in fits:  # each threshold is its own target's calibration, not the other's
+        t = fit.stats.target
+        again = calibrate_flag(m.classifier, replace(fit.stats, flag_threshold=0.0), x[y == t], cfg.flag_rule, 1.0)
+        assert again.flag_threshold == pytest.approx(fit.stats.flag_threshold)
+
+
+def test_shared_stamps_group_targets_by_connected_components() -> None:
+    from bna_gateway.mitigation.jobs.mitigate import shared_groups
+
+    def trig(t: int, shared: list[int]) -> TargetTrigger:
+        return TargetTrigger(t, [], "patch", {}, 1.0, 1.0, 10.0, shared_with=shared)
+
+    triggers = {0: trig(0, [1]), 1: trig(1, []), 2: trig(2, []), 3: trig(3, [2, 9]), 4: trig(4, []), 5: trig(5, [3])}
+    assert shared_groups(triggers) == [[0, 1], [2, 3, 5], [4]]  # either direction joins; an absent 9 is ignored
+    assert shared_groups({}) == []

@@ -21,6 +21,9 @@ class BNAConfig:
     chunk: int = 512  # images per forward pass
     max_fit_images: int | None = 512  # candidate images per twin fit (more: thinned evenly; None: all of them)
     grid: int | None = 7  # histogram over a fixed ~7x7 grid of positions per feature map (None: all)
+    # targets that share one stamp (detection's shared_with: an all-to-all backdoor) share one fit, each with
+    # its own flag threshold; False: one fit per target (K fits for an all-to-all backdoor over K classes)
+    share_fits: bool = True
     flag_rule: str = "logit_drop"  # serving rule's score (models.twins.flag_score; docs/method.md#serving-rule)
     flag_quantile: float = 1.0  # its threshold: this quantile of the score on clean target images f sends to t
     progress: bool = True

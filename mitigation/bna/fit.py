@@ -79,20 +79,24 @@ def embed_round_robin(src: torch.Tensor, triggers: list[nn.Module], chunk: int) 
     return out
 
 
-def fit_sets(x: torch.Tensor, y: torch.Tensor, target: int, sources: list[int], aux: list[int] | tuple[int, ...],
-             triggers: list[nn.Module], cfg: BNAConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fit_sets(x: torch.Tensor, y: torch.Tensor, target: int | list[int], sources: list[int],
+             aux: list[int] | tuple[int, ...], triggers: list[nn.Module], cfg: BNAConfig
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference images (clean), the candidate images (triggered), and the clean target images.
 
     The source images are repeated until they weigh as much as the aux classes' (the twin serves S(t)
     first), each copy with the next trigger variant; the clean target images join both sets. A candidate
     set over ``cfg.max_fit_images`` is thinned evenly (``thin``): every class and variant keeps its share,
-    and each optimisation step stays one pass. The clean target images returned for calibration are all."""
-    src = x[torch.isin(y, torch.tensor(sources, device=y.device))]
-    extra_classes = [c for c in aux if c not in sources and c != target]
+    and each optimisation step stays one pass. The clean target images returned for calibration are all.
+    ``target`` may be several targets that share one fit (``fit_shared_twin``): their images are the
+    target images."""
+    targets = [target] if isinstance(target, int) else list(target)
+    src = x[torch.isin(y, torch.tensor(sources, dtype=y.dtype, device=y.device))]
+    extra_classes = [c for c in aux if c not in sources and c not in targets]
     extra = x[torch.isin(y, torch.tensor(extra_classes, dtype=y.dtype, device=y.device))]
     if len(extra) and len(src):
         src = torch.cat([src.repeat_interleave(max(1, round(len(extra) / len(src))), 0), extra])
-    tgt = x[y == target]
+    tgt = x[torch.isin(y, torch.tensor(targets, dtype=y.dtype, device=y.device))]
     trig = embed_round_robin(src, triggers, cfg.chunk)
     ref_x = torch.cat([src, tgt]) if cfg.include_target_clean else src
     cand_x = thin(trig, tgt if cfg.include_target_clean else tgt[:0], cfg.max_fit_images)
@@ -168,13 +172,24 @@ def fit_twin(model: nn.Module, target: int, x: torch.Tensor, y: torch.Tensor, so
     ``x, y``: the defender's clean set; ``sources``: S(target); ``trigger``: the estimated trigger, or
     several variants of it (applied round-robin to the source images). ``aux``: more classes to fit on
     (those the trigger moves elsewhere); the source images are repeated to weigh as much as theirs."""
+    return fit_shared_twin(model, [target], x, y, {target: sources}, trigger, cfg, aux)[0]
+
+
+def fit_shared_twin(model: nn.Module, targets: list[int], x: torch.Tensor, y: torch.Tensor,
+                    sources: dict[int, list[int]], trigger: nn.Module | list[nn.Module],
+                    cfg: BNAConfig | None = None, aux: list[int] | tuple[int, ...] = ()) -> list[TwinFit]:
+    """One set of twin statistics for ``targets`` that share one trigger (an all-to-all stamp), fitted once
+    on the union of their sources, aux classes and trigger variants, with every target's clean images;
+    then one ``TwinFit`` per target, each with the flag threshold of its own clean images. With one
+    target this is ``fit_twin``. The cost is that of one twin, however many targets share it."""
     cfg = cfg or BNAConfig()
     start = time.perf_counter()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     triggers = [t.to(x.device) for t in (trigger if isinstance(trigger, list) else [trigger])]
-    ref_x, cand_x, clean_target = fit_sets(x, y, target, sources, aux, triggers, cfg)
+    union = sorted({s for t in targets for s in sources[t]})
+    ref_x, cand_x, _ = fit_sets(x, y, targets, union, aux, triggers, cfg)
     ref = clean_reference(model, ref_x, cfg)
     before = per_layer(ref, layer_histograms(model, cand_x, ref, cfg), cfg.divergence)
     top = max(before.values()) or 1.0
@@ -182,18 +197,22 @@ def fit_twin(model: nn.Module, target: int, x: torch.Tensor, y: torch.Tensor, so
     params = TwinStatistics(reestimate_bn(model, cand_x, cfg.chunk), twin_layers(model)).to(x.device)
     weights = {n: weights[n] for n in params.names}  # the loss sums the layers in this order
     init = per_layer(ref, layer_histograms(model, cand_x, ref, cfg, params.current()), cfg.divergence)
-    history = optimise(model, cand_x, ref, weights, params, cfg, desc=f"BNA target {target}")
+    name = f"BNA target {targets[0]}" if len(targets) == 1 else f"BNA targets {','.join(map(str, targets))}"
+    history = optimise(model, cand_x, ref, weights, params, cfg, desc=name)
     with torch.no_grad():
         final = {n: (m.detach(), var.detach().clamp(min=0)) for n, (m, var) in params.current().items()}
     after = per_layer(ref, layer_histograms(model, cand_x, ref, cfg, final), cfg.divergence)
-    stats = TwinStats(target, {n: m.cpu() for n, (m, _) in final.items()},
-                      {n: v.cpu() for n, (_, v) in final.items()}, 0.0, list(sources))
-    stats = calibrate_flag(model, stats, clean_target, cfg.flag_rule, cfg.flag_quantile)
-    seconds = time.perf_counter() - start
-    log.info("twin for target %d: loss %.4f -> %.4f in %.1f s, flag %s > %.3f", target,
-             history[0] if history else float("nan"), min(history, default=float("nan")), seconds,
-             stats.flag_rule, stats.flag_threshold)
-    return TwinFit(stats, before, after, init, history, seconds)
+    mean = {n: m.cpu() for n, (m, _) in final.items()}
+    var = {n: v.cpu() for n, (_, v) in final.items()}
+    fits = []
+    for t in targets:
+        stats = TwinStats(t, mean, var, 0.0, list(sources[t]))
+        stats = calibrate_flag(model, stats, x[y == t], cfg.flag_rule, cfg.flag_quantile)
+        fits.append(TwinFit(stats, before, after, init, history, time.perf_counter() - start))
+        log.info("twin for target %d: loss %.4f -> %.4f in %.1f s, flag %s > %.3f", t,
+                 history[0] if history else float("nan"), min(history, default=float("nan")),
+                 fits[-1].seconds, stats.flag_rule, stats.flag_threshold)
+    return fits
 
 
 def optimise(model: nn.Module, cand_x: torch.Tensor, ref: Reference, weights: dict[str, float],

@@ -86,6 +86,9 @@ def _add_bna(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bna-lr", type=POSITIVE_FLOAT, default=None, help="BNA Adam learning rate (default 0.08)")
     p.add_argument("--bna-warmup", type=NON_NEGATIVE_INT, default=None,
                    help="BNA steps of linear learning-rate warm-up (default 10; 0: none)")
+    p.add_argument("--separate-twins", action="store_true",
+                   help="fit every target's twin on its own, also targets that share one stamp (all-to-all: "
+                        "K fits instead of one)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bna_gateway.mitigation.bna import BNAConfig, TwinFit, fit_twin
+from bna_gateway.mitigation.bna import BNAConfig, TwinFit, fit_shared_twin
 from bna_gateway.mitigation.detection import DetectionConfig, DetectionResult, TargetTrigger
 from bna_gateway.mitigation.detection.io import read_detection, write_detection
 from bna_gateway.mitigation.detection.sharding import Sharding
@@ -69,12 +69,40 @@ def mitigate(opts: MitigateOptions) -> MitigateOutcome:
 
 def fit_twins(model: LoadedModel, clean: ImageSet, detection: DetectionResult, cfg: BNAConfig, run: RunOptions
               ) -> list[tuple[TargetTrigger, TwinFit]]:
-    """One twin per detected target, fitted on every estimate of its trigger."""
+    """One twin per detected target, fitted on every estimate of its trigger; targets that share one stamp
+    share one fit (``BNAConfig.share_fits``; ``shared_groups``)."""
     device = run.torch_device
     clf = model.classifier.to(device)
     x, y = clean.x.to(device), clean.y.to(device)
-    return [(trig, fit_twin(clf, t, x, y, trig.sources, trig.variants(), cfg, aux=trig.fit_classes))
-            for t, trig in sorted(detection.triggers.items())]
+    triggers = detection.triggers
+    fits: dict[int, TwinFit] = {}
+    for group in shared_groups(triggers) if cfg.share_fits else [[t] for t in sorted(triggers)]:
+        if len(group) > 1:
+            log.info("targets %s share one stamp: one twin fit for all of them", group)
+        variants = [v for t in group for v in triggers[t].variants()]
+        aux = sorted({c for t in group for c in triggers[t].fit_classes})
+        sources = {t: triggers[t].sources for t in group}
+        fits.update(zip(group, fit_shared_twin(clf, group, x, y, sources, variants, cfg, aux=aux)))
+    return [(triggers[t], fits[t]) for t in sorted(triggers)]
+
+
+def shared_groups(triggers: dict[int, TargetTrigger]) -> list[list[int]]:
+    """The targets in groups joined by ``shared_with`` (connected components, either direction), sorted."""
+    parent = {t: t for t in triggers}
+
+    def root(t: int) -> int:
+        while parent[t] != t:
+            t = parent[t]
+        return t
+
+    for t, trig in triggers.items():
+        for u in trig.shared_with:
+            if u in parent:
+                parent[root(u)] = root(t)
+    groups: dict[int, list[int]] = {}
+    for t in sorted(triggers):
+        groups.setdefault(root(t), []).append(t)
+    return sorted(groups.values())
 
 
 def build_bundle(model: LoadedModel, clean: ImageSet, detection: DetectionResult, cfg: BNAConfig, out: Path,

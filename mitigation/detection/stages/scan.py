@@ -17,7 +17,7 @@ import torch
 
 from bna_gateway.mitigation.detection.config import DetectionConfig
 from bna_gateway.mitigation.detection.reverse import ReverseResult
-from bna_gateway.mitigation.detection.stages.targets import TargetScan
+from bna_gateway.mitigation.detection.stages.targets import TargetScan, reach_of
 from bna_gateway.mitigation.detection.statistic import all_pairs
 from bna_gateway.mitigation.detection.suspect import Suspect
 
@@ -46,9 +46,7 @@ def pairs_to_scan(suspect: Suspect, universal: dict[str, TargetScan], cfg: Detec
     k = suspect.num_classes
     reach = torch.zeros(k, k)  # [source, target]: how much of the source a universal trigger sends there
     for scan in universal.values():
-        frac = suspect.fractions(scan.result.family, scan.result.tensors, cfg.pair,
-                                 per_class=max(1, cfg.screen_images // k))
-        reach = torch.maximum(reach, frac[torch.arange(k), :, torch.arange(k)].T)
+        reach[:, scan.targets] = torch.maximum(reach[:, scan.targets], reach_of(suspect, scan, cfg).T)
     reach.fill_diagonal_(-1.0)
     top = reach.topk(min(cfg.pairs_per_source, k - 1), dim=1).indices
     chosen = sorted({(s, int(t)) for s in range(k) for t in top[s].tolist()})

@@ -19,7 +19,7 @@ import torch
 from bna_gateway.mitigation.detection.config import DetectionConfig
 from bna_gateway.mitigation.detection.records import Transfer
 from bna_gateway.mitigation.detection.stages.scan import PairScan
-from bna_gateway.mitigation.detection.stages.targets import TargetScan
+from bna_gateway.mitigation.detection.stages.targets import TargetScan, reach_of
 from bna_gateway.mitigation.detection.statistic import pair_scores
 from bna_gateway.mitigation.detection.suspect import Suspect
 
@@ -52,16 +52,14 @@ def _from_universal(suspect: Suspect, scan: PairScan, universal: TargetScan, siz
     found = torch.isfinite(uni.size)
     if not bool(found.any()):
         return []
-    rows = found.nonzero(as_tuple=True)[0]
-    share = max(1, cfg.screen_images // suspect.num_classes)
-    frac = suspect.fractions(uni.family, {k: v[rows] for k, v in uni.tensors.items()}, cfg.pair, per_class=share)
+    reach = reach_of(suspect, universal, cfg)  # [T, K], measured once by the target scan
     where = {p: i for i, p in enumerate(scan.pairs)}
     moved: list[Transfer] = []
-    for d, r in enumerate(rows.tolist()):
+    for r in found.nonzero(as_tuple=True)[0].tolist():
         t = universal.targets[r]
         for s in universal.sources[r]:
             j = where.get((s, t))
-            rate = float(frac[d, s, t])
+            rate = float(reach[r, s])
             if j is None or rate < cfg.transfer_success or not bool(uni.size[r] < size[j]):
                 continue
             moved.append(Transfer(s, t, scan.family, (-1, t), round(rate, 4), float(size[j]), float(uni.size[r])))
