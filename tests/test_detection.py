@@ -562,3 +562,37 @@ def test_the_score_histogram_survives_degenerate_scores() -> None:
     for scores in ([2.2e14], [3.05e14, 0.0, 0.0, float("inf")], [1.0, 1.0], [], [float("nan"), 2.0]):
         edges = score_bins(scores)
         assert len(edges) == 41 and all(b > a for a, b in zip(edges, edges[1:])), scores
+
+
+def test_the_target_scans_reach_screen_is_measured_once_and_read_by_transfer_and_the_pair_choice(
+        tiny: tm.TinyModel) -> None:
+    """The universal triggers' reach is measured by the target scan; the transfer stage and the many-class
+    pair choice read it (a planted reach moves pairs although the planted stamps do nothing), and only a
+    scan made without it is measured again (then the stamps that do nothing move nothing)."""
+    from bna_gateway.mitigation.detection.stages.scan import pairs_to_scan
+    from bna_gateway.mitigation.detection.stages.targets import TargetScan
+
+    x, y = tiny.data.clean.x, tiny.data.clean.y
+    k = tm.NUM_CLASSES
+    pairs = all_pairs(k)
+    blank = {"mask": torch.zeros(k, 1, *x.shape[2:]), "pattern": torch.zeros(k, *x.shape[1:])}
+    targets = list(range(k))
+    sources = [[c for c in range(k) if c != t] for t in targets]
+    uni_size = torch.full((k,), 50.0)
+    uni_size[tm.TARGET] = 4.0
+    reach = torch.zeros(k, k)
+    reach[tm.TARGET] = 1.0  # the target's universal stamp sends every class there
+    universal = TargetScan(targets, sources, ReverseResult(PATCH, uni_size, torch.ones(k), blank), reach)
+    size = torch.full((len(pairs),), 20.0)
+    scan = PairScan(pairs, ReverseResult(PATCH, size, torch.ones(len(pairs)),
+                                         {n: torch.zeros(len(pairs), *v.shape[1:]) for n, v in blank.items()}))
+    suspect = Suspect(tiny.classifier, x, y, k)
+    cfg = DetectionConfig()
+    with tm.one_thread():
+        _, moved = transfer_triggers(suspect, {"patch": scan}, {"patch": universal}, cfg)
+        _, measured = transfer_triggers(suspect, {"patch": scan}, {"patch": replace(universal, reach=None)}, cfg)
+        chosen, complete = pairs_to_scan(suspect, {"patch": universal}, replace(cfg, max_pairs=5, pairs_per_source=1))
+    assert sorted((m.source, m.target, m.donor) for m in moved) == [(s, tm.TARGET, (-1, tm.TARGET))
+                                                                    for s in range(k) if s != tm.TARGET]
+    assert measured == []  # measured now: blank stamps send nothing anywhere
+    assert not complete and all(t == tm.TARGET for s, t in chosen if s != tm.TARGET)
