@@ -337,32 +337,37 @@ def test_a_large_candidate_set_is_thinned_evenly_to_one_pass() -> None:
         BNAConfig(max_fit_images=0)
 
 
-def test_targets_that_share_one_stamp_share_one_fit_each_with_its_own_flag() -> None:
+def test_targets_that_share_one_stamp_share_one_fit_then_refine_each_with_its_own_flag() -> None:
     """An all-to-all backdoor's targets share one stamp: one fit on the union of their sources and trigger
-    variants, with every target's clean images; each target keeps its sources and gets the flag threshold
-    of its own clean images."""
+    variants, with every target's clean images; then each target's own short fit from there. Each keeps its
+    sources and gets the flag threshold of its own clean images."""
     from bna_gateway.mitigation.bna import fit_shared_twin
 
     m = tm.backdoored()
     x, y = tm.defender_set(m)
     other = (tm.TARGET + 1) % tm.NUM_CLASSES
     sources = {tm.TARGET: [0, 1], other: [2]}
-    cfg = BNAConfig(progress=False, steps=3)
+    shared_only = BNAConfig(progress=False, steps=3, refine_steps=0)
     with tm.one_thread():
-        _, cand_x, clean = fit_sets(x, y, [tm.TARGET, other], [0, 1, 2], [], [m.trigger], cfg)
-        fits = fit_shared_twin(m.classifier, [tm.TARGET, other], x, y, sources, m.trigger, cfg)
+        _, cand_x, clean = fit_sets(x, y, [tm.TARGET, other], [0, 1, 2], [], [m.trigger], shared_only)
+        same = fit_shared_twin(m.classifier, [tm.TARGET, other], x, y, sources, m.trigger, shared_only)
+        refined = fit_shared_twin(m.classifier, [tm.TARGET, other], x, y, sources, m.trigger,
+                                  replace(shared_only, refine_steps=4))
     assert torch.equal(clean, x[torch.isin(y, torch.tensor([tm.TARGET, other]))])  # both targets' clean images
     assert len(cand_x) == int(torch.isin(y, torch.tensor([0, 1, 2])).sum()) + len(clean)
-    a, b = fits
+    a, b = same
     assert (a.stats.target, b.stats.target) == (tm.TARGET, other)
     assert (a.stats.sources, b.stats.sources) == ([0, 1], [2])
-    for n in a.stats.running_mean:
+    for n in a.stats.running_mean:  # no refinement: one set of statistics
         assert torch.equal(a.stats.running_mean[n], b.stats.running_mean[n])
         assert torch.equal(a.stats.running_var[n], b.stats.running_var[n])
-    assert len(a.loss_history) == 3 and a.loss_history == b.loss_history
-    for fit in fits:  # each threshold is its own target's calibration, not the other's
+    ra, rb = refined
+    assert len(ra.loss_history) == len(rb.loss_history) == 3 + 4
+    assert ra.loss_history[:3] == rb.loss_history[:3] == a.loss_history  # the same shared fit first
+    assert any(not torch.equal(ra.stats.running_mean[n], rb.stats.running_mean[n]) for n in ra.stats.running_mean)
+    for fit in [*same, *refined]:  # each threshold is its own target's calibration, not the other's
         t = fit.stats.target
-        again = calibrate_flag(m.classifier, replace(fit.stats, flag_threshold=0.0), x[y == t], cfg.flag_rule, 1.0)
+        again = calibrate_flag(m.classifier, replace(fit.stats, flag_threshold=0.0), x[y == t], fit.stats.flag_rule, 1.0)
         assert again.flag_threshold == pytest.approx(fit.stats.flag_threshold)
 
 

@@ -24,6 +24,8 @@ class BNAConfig:
     # targets that share one stamp (detection's shared_with: an all-to-all backdoor) share one fit, each with
     # its own flag threshold; False: one fit per target (K fits for an all-to-all backdoor over K classes)
     share_fits: bool = True
+    refine_steps: int = 10  # then each target's own fit (its sources first), from the shared statistics
+    refine_lr: float = 0.02  # ... with this Adam step and no warm-up (a full step first moves away from the start)
     flag_rule: str = "logit_drop"  # serving rule's score (models.twins.flag_score; docs/method.md#serving-rule)
     flag_quantile: float = 1.0  # its threshold: this quantile of the score on clean target images f sends to t
     progress: bool = True
@@ -31,7 +33,7 @@ class BNAConfig:
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"unknown divergence {self.divergence!r}: use tv, js or kl")
-        if self.steps < 0 or self.warmup < 0 or not self.lr > 0:
+        if self.steps < 0 or self.warmup < 0 or self.refine_steps < 0 or not self.lr > 0 or not self.refine_lr > 0:
             raise ValueError("BNA steps and warm-up must be 0 or more, and the learning rate above 0")
         if self.max_fit_images is not None and self.max_fit_images < 1:
             raise ValueError(f"max_fit_images must be at least 1 (or None for all), got {self.max_fit_images}")

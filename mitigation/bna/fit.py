@@ -177,42 +177,77 @@ def fit_twin(model: nn.Module, target: int, x: torch.Tensor, y: torch.Tensor, so
 
 def fit_shared_twin(model: nn.Module, targets: list[int], x: torch.Tensor, y: torch.Tensor,
                     sources: dict[int, list[int]], trigger: nn.Module | list[nn.Module],
-                    cfg: BNAConfig | None = None, aux: list[int] | tuple[int, ...] = ()) -> list[TwinFit]:
-    """One set of twin statistics for ``targets`` that share one trigger (an all-to-all stamp), fitted once
-    on the union of their sources, aux classes and trigger variants, with every target's clean images;
-    then one ``TwinFit`` per target, each with the flag threshold of its own clean images. With one
-    target this is ``fit_twin``. The cost is that of one twin, however many targets share it."""
+                    cfg: BNAConfig | None = None, aux: dict[int, list[int]] | list[int] | tuple[int, ...] = ()
+                    ) -> list[TwinFit]:
+    """Twins for ``targets`` that share one trigger (an all-to-all stamp): one fit of ``cfg.steps`` on the
+    union of their sources, aux classes and trigger variants, with every target's clean images; then each
+    target's own fit (its sources first, as ``fit_twin``) for ``cfg.refine_steps``, starting from the shared
+    statistics, and its flag threshold from its own clean images. With one target this is ``fit_twin``.
+    ``aux``: the aux classes of every target (a dict), or one list for all."""
     cfg = cfg or BNAConfig()
     start = time.perf_counter()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     triggers = [t.to(x.device) for t in (trigger if isinstance(trigger, list) else [trigger])]
-    union = sorted({s for t in targets for s in sources[t]})
-    ref_x, cand_x, _ = fit_sets(x, y, targets, union, aux, triggers, cfg)
+    aux_of = aux if isinstance(aux, dict) else {t: list(aux) for t in targets}
+    if len(targets) == 1:
+        t = targets[0]
+        shared = _fit(model, *fit_sets(x, y, t, sources[t], aux_of[t], triggers, cfg)[:2], cfg, None, cfg.steps,
+                      f"BNA target {t}")
+        own = {t: shared}
+    else:
+        union = sorted({s for t in targets for s in sources[t]})
+        union_aux = sorted({c for t in targets for c in aux_of[t]})
+        shared = _fit(model, *fit_sets(x, y, targets, union, union_aux, triggers, cfg)[:2], cfg, None, cfg.steps,
+                      f"BNA targets {','.join(map(str, targets))} (shared)")
+        refine = replace(cfg, lr=cfg.refine_lr, warmup=0)
+        own = {t: _fit(model, *fit_sets(x, y, t, sources[t], aux_of[t], triggers, cfg)[:2], refine, shared.final,
+                       cfg.refine_steps, f"BNA target {t}") for t in targets}
+    fits = []
+    for t in targets:
+        run = own[t]
+        mean = {n: m.cpu() for n, (m, _) in run.final.items()}
+        var = {n: v.cpu() for n, (_, v) in run.final.items()}
+        stats = calibrate_flag(model, TwinStats(t, mean, var, 0.0, list(sources[t])), x[y == t], cfg.flag_rule,
+                               cfg.flag_quantile)
+        history = shared.history + run.history if run is not shared else run.history
+        fits.append(TwinFit(stats, run.before, run.after, shared.init, history, time.perf_counter() - start))
+        log.info("twin for target %d: loss %.4f -> %.4f in %.1f s, flag %s > %.3f", t,
+                 history[0] if history else float("nan"), min(run.history, default=float("nan")),
+                 fits[-1].seconds, stats.flag_rule, stats.flag_threshold)
+    return fits
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One optimisation of twin statistics: the result and the per-layer divergences around it."""
+
+    final: Stats
+    before: dict[str, float]  # f's own statistics
+    init: dict[str, float]  # the starting statistics (empty when given)
+    after: dict[str, float]
+    history: list[float]
+
+
+def _fit(model: nn.Module, ref_x: torch.Tensor, cand_x: torch.Tensor, cfg: BNAConfig, start: Stats | None,
+         steps: int, desc: str) -> _Run:
+    """``steps`` of ``optimise`` on one pair of sets, from ``start`` (None: the statistics re-estimated on
+    the candidate images)."""
     ref = clean_reference(model, ref_x, cfg)
     before = per_layer(ref, layer_histograms(model, cand_x, ref, cfg), cfg.divergence)
     top = max(before.values()) or 1.0
     weights = {n: (before[n] / top if cfg.layer_weighting else 1.0) for n in before}
-    params = TwinStatistics(reestimate_bn(model, cand_x, cfg.chunk), twin_layers(model)).to(x.device)
+    init_stats = start if start is not None else reestimate_bn(model, cand_x, cfg.chunk)
+    params = TwinStatistics(init_stats, twin_layers(model)).to(cand_x.device)
     weights = {n: weights[n] for n in params.names}  # the loss sums the layers in this order
-    init = per_layer(ref, layer_histograms(model, cand_x, ref, cfg, params.current()), cfg.divergence)
-    name = f"BNA target {targets[0]}" if len(targets) == 1 else f"BNA targets {','.join(map(str, targets))}"
-    history = optimise(model, cand_x, ref, weights, params, cfg, desc=name)
+    init = {} if start is not None else per_layer(ref, layer_histograms(model, cand_x, ref, cfg, params.current()),
+                                                  cfg.divergence)  # a given start was reported by its own run
+    history = optimise(model, cand_x, ref, weights, params, replace(cfg, steps=steps), desc=desc)
     with torch.no_grad():
         final = {n: (m.detach(), var.detach().clamp(min=0)) for n, (m, var) in params.current().items()}
     after = per_layer(ref, layer_histograms(model, cand_x, ref, cfg, final), cfg.divergence)
-    mean = {n: m.cpu() for n, (m, _) in final.items()}
-    var = {n: v.cpu() for n, (_, v) in final.items()}
-    fits = []
-    for t in targets:
-        stats = TwinStats(t, mean, var, 0.0, list(sources[t]))
-        stats = calibrate_flag(model, stats, x[y == t], cfg.flag_rule, cfg.flag_quantile)
-        fits.append(TwinFit(stats, before, after, init, history, time.perf_counter() - start))
-        log.info("twin for target %d: loss %.4f -> %.4f in %.1f s, flag %s > %.3f", t,
-                 history[0] if history else float("nan"), min(history, default=float("nan")),
-                 fits[-1].seconds, stats.flag_rule, stats.flag_threshold)
-    return fits
+    return _Run(final, before, init, after, history)
 
 
 def optimise(model: nn.Module, cand_x: torch.Tensor, ref: Reference, weights: dict[str, float],

@@ -75,7 +75,7 @@ def sharding(args: argparse.Namespace) -> Sharding:
 
 
 def bna_config(args: argparse.Namespace) -> BNAConfig:
-    given = {"steps": args.bna_steps, "lr": args.bna_lr, "warmup": args.bna_warmup}
+    given = {"steps": args.bna_steps, "lr": args.bna_lr, "warmup": args.bna_warmup, "refine_steps": args.refine_steps}
     return BNAConfig(divergence=args.divergence, progress=not args.quiet, share_fits=not args.separate_twins,
                      **{k: v for k, v in given.items() if v is not None})
 

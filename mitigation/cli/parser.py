@@ -86,6 +86,8 @@ def _add_bna(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bna-lr", type=POSITIVE_FLOAT, default=None, help="BNA Adam learning rate (default 0.08)")
     p.add_argument("--bna-warmup", type=NON_NEGATIVE_INT, default=None,
                    help="BNA steps of linear learning-rate warm-up (default 10; 0: none)")
+    p.add_argument("--refine-steps", type=NON_NEGATIVE_INT, default=None,
+                   help="targets sharing one stamp: each target's own steps after the shared fit (default 10)")
     p.add_argument("--separate-twins", action="store_true",
                    help="fit every target's twin on its own, also targets that share one stamp (all-to-all: "
                         "K fits instead of one)")

@@ -80,7 +80,7 @@ def fit_twins(model: LoadedModel, clean: ImageSet, detection: DetectionResult, c
         if len(group) > 1:
             log.info("targets %s share one stamp: one twin fit for all of them", group)
         variants = [v for t in group for v in triggers[t].variants()]
-        aux = sorted({c for t in group for c in triggers[t].fit_classes})
+        aux = {t: triggers[t].fit_classes for t in group}
         sources = {t: triggers[t].sources for t in group}
         fits.update(zip(group, fit_shared_twin(clf, group, x, y, sources, variants, cfg, aux=aux)))
     return [(triggers[t], fits[t]) for t in sorted(triggers)]
