@@ -181,8 +181,9 @@ def fit_shared_twin(model: nn.Module, targets: list[int], x: torch.Tensor, y: to
                     ) -> list[TwinFit]:
     """Twins for ``targets`` that share one trigger (an all-to-all stamp): one fit of ``cfg.steps`` on the
     union of their sources, aux classes and trigger variants, with every target's clean images; then each
-    target's own fit (its sources first, as ``fit_twin``) for ``cfg.refine_steps``, starting from the shared
-    statistics, and its flag threshold from its own clean images. With one target this is ``fit_twin``.
+    target's own fit (its sources first, as ``fit_twin``, on all the group's trigger variants) for
+    ``cfg.refine_steps``, starting from the shared statistics, and its flag threshold from its own clean
+    images. With one target this is ``fit_twin``.
     ``aux``: the aux classes of every target (a dict), or one list for all."""
     cfg = cfg or BNAConfig()
     start = time.perf_counter()

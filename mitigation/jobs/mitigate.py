@@ -70,7 +70,7 @@ def mitigate(opts: MitigateOptions) -> MitigateOutcome:
 def fit_twins(model: LoadedModel, clean: ImageSet, detection: DetectionResult, cfg: BNAConfig, run: RunOptions
               ) -> list[tuple[TargetTrigger, TwinFit]]:
     """One twin per detected target, fitted on every estimate of its trigger; targets that share one stamp
-    share one fit (``BNAConfig.share_fits``; ``shared_groups``)."""
+    share one fit, then each refines it (``BNAConfig.share_fits``; ``shared_groups``)."""
     device = run.torch_device
     clf = model.classifier.to(device)
     x, y = clean.x.to(device), clean.y.to(device)
