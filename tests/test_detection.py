@@ -596,3 +596,23 @@ def test_the_target_scans_reach_screen_is_measured_once_and_read_by_transfer_and
                                                                     for s in range(k) if s != tm.TARGET]
     assert measured == []  # measured now: blank stamps send nothing anywhere
     assert not complete and all(t == tm.TARGET for s, t in chosen if s != tm.TARGET)
+
+
+def test_the_many_class_pair_choice_prefers_targets_whose_universal_trigger_is_small(tiny: tm.TinyModel) -> None:
+    """Large universal triggers reach every class (a tie); the pair choice goes to the small one's target."""
+    from bna_gateway.mitigation.detection.stages.scan import pairs_to_scan, smallness
+    from bna_gateway.mitigation.detection.stages.targets import TargetScan
+
+    x, y = tiny.data.clean.x, tiny.data.clean.y
+    k = tm.NUM_CLASSES
+    blank = {"mask": torch.zeros(k, 1, *x.shape[2:]), "pattern": torch.zeros(k, *x.shape[1:])}
+    size = torch.full((k,), 300.0)
+    size[tm.TARGET], size[0] = 50.0, float("inf")
+    reach = torch.ones(k, k)  # every universal trigger sends every class to its target
+    scan = TargetScan(list(range(k)), [[c for c in range(k) if c != t] for t in range(k)],
+                      ReverseResult(PATCH, size, torch.ones(k), blank), reach)
+    assert smallness(size).tolist() == pytest.approx([0.0] + [1.0 if t != tm.TARGET else 6.0 for t in range(1, k)])
+    chosen, complete = pairs_to_scan(Suspect(tiny.classifier, x, y, k), {"patch": scan},
+                                     DetectionConfig(max_pairs=5, pairs_per_source=1))
+    assert not complete
+    assert {t for s, t in chosen if s != tm.TARGET} == {tm.TARGET}

@@ -4,7 +4,8 @@ One batched optimisation per family over the pairs (``reverse.reverse_engineer``
 scored against its own population later: a patch's size (pixels) and a perturbation's (L2) live on
 different scales. With many classes (more than ``max_pairs`` ordered pairs) the cost would grow with
 K(K-1): only each source's ``pairs_per_source`` most likely targets are scanned, those whose universal
-triggers (the target scan) send most of its images there, so the cost grows with K.
+triggers (the target scan) send most of its images there, weighted by how small each trigger is against
+its family's median (``smallness``), so the cost grows with K.
 docs/method.md#1-target-scan-and-pair-scan.
 """
 from __future__ import annotations
@@ -44,15 +45,30 @@ def pairs_to_scan(suspect: Suspect, universal: dict[str, TargetScan], cfg: Detec
     if len(pairs) <= cfg.max_pairs or not universal:
         return pairs, True
     k = suspect.num_classes
-    reach = torch.zeros(k, k)  # [source, target]: how much of the source a universal trigger sends there
+    # [source, target]: how much of the source the target's universal trigger sends there, times how small
+    # that trigger is against its family's median (a universal trigger of the usual size for K classes is
+    # large enough to send nearly everything anywhere; a backdoor's is the small one)
+    likely = torch.zeros(k, k)
     for scan in universal.values():
-        reach[:, scan.targets] = torch.maximum(reach[:, scan.targets], reach_of(suspect, scan, cfg).T)
-    reach.fill_diagonal_(-1.0)
-    top = reach.topk(min(cfg.pairs_per_source, k - 1), dim=1).indices
+        odds = reach_of(suspect, scan, cfg).T * smallness(scan.result.size)
+        likely[:, scan.targets] = torch.maximum(likely[:, scan.targets], odds)
+    likely.fill_diagonal_(-1.0)
+    top = likely.topk(min(cfg.pairs_per_source, k - 1), dim=1).indices
     chosen = sorted({(s, int(t)) for s in range(k) for t in top[s].tolist()})
-    log.info("%d classes: scanning %d of %d pairs (each source's %d most reachable targets)", k, len(chosen),
+    log.info("%d classes: scanning %d of %d pairs (each source's %d most likely targets)", k, len(chosen),
              len(pairs), cfg.pairs_per_source)
     return chosen, False
+
+
+def smallness(size: torch.Tensor) -> torch.Tensor:
+    """[T] the family's median universal-trigger size over each one's size (1 at the median; 0 where none
+    was found)."""
+    size = size.double()
+    found = torch.isfinite(size) & (size > 0)
+    out = torch.zeros(len(size), dtype=torch.double)
+    if bool(found.any()):
+        out[found] = size[found].median() / size[found]
+    return out.float()
 
 
 def scan_pairs(suspect: Suspect, cfg: DetectionConfig, universal: dict[str, TargetScan] | None = None
