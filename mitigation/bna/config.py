@@ -34,7 +34,7 @@ class BNAConfig:
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"unknown divergence {self.divergence!r}: use tv, js or kl")
         if self.steps < 0 or self.warmup < 0 or self.refine_steps < 0 or not self.lr > 0 or not self.refine_lr > 0:
-            raise ValueError("BNA steps and warm-up must be 0 or more, and the learning rate above 0")
+            raise ValueError("BNA steps, refine steps and warm-up must be 0 or more, and both learning rates above 0")
         if self.max_fit_images is not None and self.max_fit_images < 1:
             raise ValueError(f"max_fit_images must be at least 1 (or None for all), got {self.max_fit_images}")
         check_flag_rule(self.flag_rule)
