@@ -31,7 +31,7 @@ from bna_gateway.mitigation.detection.stages.scan import PairScan
 from bna_gateway.mitigation.detection.stages.share import share_patches
 from bna_gateway.mitigation.detection.stages.transfer import transfer_triggers
 from bna_gateway.mitigation.detection.statistic import (MAD_CONSISTENCY, all_pairs, mad_scores, pair_statistic,
-                                                        resolve_statistic)
+                                                        resolve_statistic, universal_scores)
 from bna_gateway.mitigation.detection.suspect import Suspect
 from bna_gateway.mitigation.detection.table import scores_table
 from bna_gateway.mitigation.triggers import PATCH, PERTURBATION, Trigger, family
@@ -564,12 +564,11 @@ def test_the_score_histogram_survives_degenerate_scores() -> None:
         assert len(edges) == 41 and all(b > a for a, b in zip(edges, edges[1:])), scores
 
 
-def test_the_target_scans_reach_screen_is_measured_once_and_read_by_transfer_and_the_pair_choice(
-        tiny: tm.TinyModel) -> None:
-    """The universal triggers' reach is measured by the target scan; the transfer stage and the many-class
-    pair choice read it (a planted reach moves pairs although the planted stamps do nothing), and only a
-    scan made without it is measured again (then the stamps that do nothing move nothing)."""
-    from bna_gateway.mitigation.detection.stages.scan import pairs_to_scan
+def test_the_universal_reach_is_read_where_measured_and_measured_only_where_needed(tiny: tm.TinyModel) -> None:
+    """The transfer stage and the many-class pair choice read the reach already measured (a planted reach
+    moves pairs although the planted stamps do nothing) and measure only what is missing (then the stamps
+    that do nothing move nothing)."""
+    from bna_gateway.mitigation.detection.stages.scan import choose_pairs
     from bna_gateway.mitigation.detection.stages.targets import TargetScan
 
     x, y = tiny.data.clean.x, tiny.data.clean.y
@@ -591,16 +590,54 @@ def test_the_target_scans_reach_screen_is_measured_once_and_read_by_transfer_and
     with tm.one_thread():
         _, moved = transfer_triggers(suspect, {"patch": scan}, {"patch": universal}, cfg)
         _, measured = transfer_triggers(suspect, {"patch": scan}, {"patch": replace(universal, reach=None)}, cfg)
-        chosen, complete = pairs_to_scan(suspect, {"patch": universal}, replace(cfg, max_pairs=5, pairs_per_source=1))
+        choice = choose_pairs(suspect, {"patch": universal}, replace(cfg, max_pairs=5, pairs_per_source=1))
     assert sorted((m.source, m.target, m.donor) for m in moved) == [(s, tm.TARGET, (-1, tm.TARGET))
                                                                     for s in range(k) if s != tm.TARGET]
     assert measured == []  # measured now: blank stamps send nothing anywhere
-    assert not complete and all(t == tm.TARGET for s, t in chosen if s != tm.TARGET)
+    assert not choice.complete and all(t == tm.TARGET for s, t in choice.pairs if s != tm.TARGET)
+    assert choice.screened == 0  # every trigger's reach was known
+
+
+class _MeanBrightness(torch.nn.Module):
+    """A stand-in classifier: an image's class is its mean brightness, binned into ``k`` classes."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        label = (x.mean(dim=(1, 2, 3)) * (self.k - 1)).round().long().clamp(0, self.k - 1)
+        return torch.nn.functional.one_hot(label, self.k).float()
+
+
+def test_the_many_class_screen_stops_when_no_trigger_left_can_change_the_choice(tiny: tm.TinyModel) -> None:
+    """The pair choice measures universal triggers the smallest first and stops once every source's best
+    odds beat the bound (the smallness) of every trigger left; it chooses what screening all of them would."""
+    from bna_gateway.mitigation.detection.stages.scan import choose_pairs
+    from bna_gateway.mitigation.detection.stages.targets import TargetScan
+
+    x, y = tiny.data.clean.x, tiny.data.clean.y
+    k = tm.NUM_CLASSES
+    # trigger t covers the whole image in the grey that the stand-in classifier calls t: it sends every class to t
+    tensors = {"mask": torch.ones(k, 1, *x.shape[2:]),
+               "pattern": (torch.arange(k).float() / (k - 1)).view(k, 1, 1, 1).expand(k, *x.shape[1:]).clone()}
+    size = torch.tensor([float(10 * (t + 1)) for t in range(k)])  # trigger 0 the smallest, then 1, ...
+    scan = TargetScan(list(range(k)), [[c for c in range(k) if c != t] for t in range(k)],
+                      ReverseResult(PATCH, size, torch.ones(k), tensors))
+    suspect = Suspect(_MeanBrightness(k), x, y, k)
+    cfg = DetectionConfig(max_pairs=5, pairs_per_source=1, screen_batch=1)
+    lazy = choose_pairs(suspect, {"patch": scan}, cfg)
+    full = choose_pairs(suspect, {"patch": scan}, replace(cfg, screen_batch=k))
+    # trigger 0 is every other source's choice; source 0's own is trigger 1, whose odds beat every bound left
+    assert (lazy.screened, full.screened) == (2, k)
+    assert set(lazy.pairs) == set(full.pairs) == {(0, 1)} | {(s, 0) for s in range(1, k)}
+    measured = lazy.universal["patch"].reach
+    assert measured is not None and bool((measured[:2] == 1.0).all()) and bool(measured[2:].isnan().all())
 
 
 def test_the_many_class_pair_choice_prefers_targets_whose_universal_trigger_is_small(tiny: tm.TinyModel) -> None:
     """Large universal triggers reach every class (a tie); the pair choice goes to the small one's target."""
-    from bna_gateway.mitigation.detection.stages.scan import pairs_to_scan, smallness
+    from bna_gateway.mitigation.detection.stages.scan import choose_pairs, smallness
     from bna_gateway.mitigation.detection.stages.targets import TargetScan
 
     x, y = tiny.data.clean.x, tiny.data.clean.y
@@ -612,7 +649,36 @@ def test_the_many_class_pair_choice_prefers_targets_whose_universal_trigger_is_s
     scan = TargetScan(list(range(k)), [[c for c in range(k) if c != t] for t in range(k)],
                       ReverseResult(PATCH, size, torch.ones(k), blank), reach)
     assert smallness(size).tolist() == pytest.approx([0.0] + [1.0 if t != tm.TARGET else 6.0 for t in range(1, k)])
-    chosen, complete = pairs_to_scan(Suspect(tiny.classifier, x, y, k), {"patch": scan},
-                                     DetectionConfig(max_pairs=5, pairs_per_source=1))
-    assert not complete
-    assert {t for s, t in chosen if s != tm.TARGET} == {tm.TARGET}
+    choice = choose_pairs(Suspect(tiny.classifier, x, y, k), {"patch": scan},
+                          DetectionConfig(max_pairs=5, pairs_per_source=1))
+    assert not choice.complete
+    assert {t for s, t in choice.pairs if s != tm.TARGET} == {tm.TARGET}
+
+
+def test_the_universal_test_counts_from_its_own_threshold_and_only_with_many_classes() -> None:
+    """With many classes a target's universal-trigger size is scored against the other targets' (Neural
+    Cleanse's test); it makes the target a candidate above ``universal_threshold``, a natural class's
+    moderately small universal trigger (between the column's 5 and 7) does not."""
+    from bna_gateway.mitigation.detection.stages.score import score_targets
+    from bna_gateway.mitigation.detection.stages.targets import TargetScan
+
+    k = 25
+    log_size = torch.cat([torch.linspace(5.0, 6.0, k - 2), torch.tensor([3.3, 1.0])])  # targets 23 and 24 small
+    size = log_size.exp()
+    z = universal_scores(size)
+    natural, backdoor = k - 2, k - 1
+    assert 5.0 < float(z[natural]) < 7.0 < float(z[backdoor])
+    pairs = all_pairs(k)
+    scans = {"patch": PairScan(pairs, ReverseResult(PATCH, torch.full((len(pairs),), 10.0), torch.ones(len(pairs)), {}))}
+    universal = {"patch": TargetScan(list(range(k)), [[c for c in range(k) if c != t] for t in range(k)],
+                                     ReverseResult(PATCH, size, torch.ones(k), {}))}
+    cfg = DetectionConfig()
+
+    def flagged(c: DetectionConfig) -> list[int]:
+        return score_targets(scans, universal, k, c)["patch"].flagged_targets(c.target_threshold)
+
+    assert flagged(cfg) == [backdoor]
+    assert flagged(replace(cfg, universal_threshold=cfg.target_threshold)) == [natural, backdoor]
+    assert flagged(replace(cfg, universal_test_classes=k + 1)) == []  # too few classes: columns alone
+    evidence = score_targets(scans, universal, k, cfg)["patch"]
+    assert evidence.universal_score[natural] == pytest.approx(float(z[natural]), abs=1e-3)  # reported unscaled

@@ -79,6 +79,10 @@ class DetectionConfig:
     pair_steps: tuple[tuple[str, int], ...] = (("patch", 100),)
     # the target scan: one universal trigger per target from all its sources (docs/method.md#1-target-scan-and-pair-scan)
     target: ReverseConfig = field(default_factory=lambda: ReverseConfig(steps=60, images_per_group=10))
+    # ... but the target scan's steps look at no more than this many images in all: with many classes each
+    # universal trigger draws fewer per step (at least the pair scan's 4), and the scan's cost stops growing
+    # with K beyond 60 classes (100 classes: 6 images per target per step)
+    target_step_images: int = 600
     # a target whose column of pair scores has a robust z-score above this against the other targets'
     # columns is a candidate even when none of its pairs is flagged
     target_threshold: float = DEFAULT_TARGET_THRESHOLD
@@ -87,13 +91,21 @@ class DetectionConfig:
     # with at least this many classes, the universal triggers' sizes are a test of their own (Neural
     # Cleanse's, against the other targets'); with fewer, the MAD of so few sizes is too unstable
     universal_test_classes: int = 20
+    # ... whose own threshold is the pair test's: a universal size is one optimisation, as noisy as a pair's,
+    # where a column is a median over many pairs. On digits100 BadNet the natural classes' universal scores
+    # reached 6.3 (the backdoor's 10.3); on the clean digits100 model 4.6. The universal score enters a
+    # target's score scaled by target_threshold / universal_threshold, so that one threshold decides both
+    universal_threshold: float = DEFAULT_THRESHOLD
     # many classes: beyond this many ordered pairs, only each source's ``pairs_per_source`` most likely
     # targets (those whose universal triggers send most of its images there) are scanned as pairs
     max_pairs: int = 500
     pairs_per_source: int = 2
-    # screens that stamp all K universal triggers on clean images (transfer, the pair choice above) look
-    # at about this many images in all (an equal share per class), so their cost grows with K, not K^2
+    # a universal trigger's reach (where it sends each class; read by the pair choice above and the transfer)
+    # is measured on an equal share per class of about this many clean images, so a trigger's screen costs
+    # the same at any K; the pair choice measures ``screen_batch`` triggers a round, the most promising first,
+    # and stops when no trigger left could change its choice
     screen_images: int = 1000
+    screen_batch: int = 8
     reestimate_steps: int = 150
     reestimate_images: int = 24
     # all-to-all false-pair test: a joint trigger this much larger than the smallest pair's alone (re-estimated
@@ -123,10 +135,21 @@ class DetectionConfig:
         families_for(self.trigger_type)  # refuses an unknown type with the accepted ones
         if self.statistic not in STATISTICS:
             raise ValueError(f"unknown pair statistic {self.statistic!r}: use plain, source or auto")
+        if self.universal_threshold <= 0 or self.target_threshold <= 0:
+            raise ValueError(f"the target and universal thresholds must be positive, not {self.target_threshold} and "
+                             f"{self.universal_threshold}")
+        if self.screen_batch < 1 or self.screen_images < 1 or self.target_step_images < 1:
+            raise ValueError(f"screen_batch, screen_images and target_step_images must be at least 1, not "
+                             f"{self.screen_batch}, {self.screen_images} and {self.target_step_images}")
 
     @property
     def families(self) -> tuple[TriggerFamily, ...]:
         return families_for(self.trigger_type)
+
+    def target_for(self, num_classes: int) -> ReverseConfig:
+        """The target scan's optimiser settings for ``num_classes`` universal triggers (``target_step_images``)."""
+        share = max(self.pair.images_per_group, self.target_step_images // max(1, num_classes))
+        return replace(self.target, images_per_group=min(self.target.images_per_group, share))
 
     def pair_for(self, family: TriggerFamily) -> ReverseConfig:
         """The pair scan's optimiser settings for ``family`` (its own step count where ``pair_steps`` has one)."""

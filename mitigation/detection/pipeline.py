@@ -1,7 +1,9 @@
 """``detect_backdoor``: the detection stages, in the one order they run, and why that order.
 
 1. ``scan_targets``: one universal trigger per target and family, from all its sources (K groups).
-   ``scan_pairs``: a trigger for every ordered pair in each family (K(K-1) groups, a shorter budget).
+   ``choose_pairs``: every ordered pair, or with many classes each source's likeliest targets (from the
+   universal triggers' reach and smallness). ``scan_pairs``: a trigger for each chosen pair in each
+   family (K(K-1) groups, a shorter budget).
 2. ``transfer_triggers``: tighten each pair's trigger size with any trigger that works there: the
    universal ones, then the flagged pairs'. Before scoring, because a pair's own optimisation can miss
    a backdoor that another trigger shows.
@@ -34,7 +36,7 @@ from bna_gateway.mitigation.detection.reverse import reverse_engineer
 from bna_gateway.mitigation.detection.stages.domain import refit_on_domain
 from bna_gateway.mitigation.detection.stages.estimate import estimate_targets
 from bna_gateway.mitigation.detection.stages.expand import expand_sources
-from bna_gateway.mitigation.detection.stages.scan import scan_pairs
+from bna_gateway.mitigation.detection.stages.scan import choose_pairs, scan_pairs
 from bna_gateway.mitigation.detection.stages.score import score_pairs, score_targets
 from bna_gateway.mitigation.detection.stages.select import select_candidates
 from bna_gateway.mitigation.detection.stages.share import share_patches
@@ -54,10 +56,13 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     suspect = Suspect(model, x, y, num_classes, optimiser)
     start = time.perf_counter()
     universal, timings = scan_targets(suspect, cfg)
-    scans, pair_timings = scan_pairs(suspect, cfg, universal)
+    choice = choose_pairs(suspect, universal, cfg)
+    if not choice.complete:
+        timings["screen"] = choice.seconds
+    scans, pair_timings = scan_pairs(suspect, cfg, choice)
     timings.update(pair_timings)
     t = time.perf_counter()
-    scans, transferred = transfer_triggers(suspect, scans, universal, cfg)
+    scans, transferred = transfer_triggers(suspect, scans, choice.universal, cfg)
     if cfg.transfer_success is not None:
         timings["transfer"] = time.perf_counter() - t
     records = score_pairs(scans, num_classes, cfg)

@@ -3,10 +3,12 @@
 One batched optimisation per family over the pairs (``reverse.reverse_engineer``). Each family is
 scored against its own population later: a patch's size (pixels) and a perturbation's (L2) live on
 different scales. With many classes (more than ``max_pairs`` ordered pairs) the cost would grow with
-K(K-1): only each source's ``pairs_per_source`` most likely targets are scanned, those whose universal
-triggers (the target scan) send most of its images there, weighted by how small each trigger is against
-its family's median (``smallness``), so the cost grows with K.
-docs/method.md#1-target-scan-and-pair-scan.
+K(K-1): only each source's ``pairs_per_source`` most likely targets are scanned (``choose_pairs``), those
+whose universal triggers (the target scan) send most of its images there, weighted by how small each
+trigger is against its family's median (``smallness``). That weight bounds a universal trigger's odds
+before its reach is measured, so the screen measures the triggers in order of their bound and stops as
+soon as no trigger left could enter any source's choice: the same pairs as screening all of them, for
+the cost of the few small ones. docs/method.md#1-target-scan-and-pair-scan.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from bna_gateway.mitigation.detection.config import DetectionConfig
 from bna_gateway.mitigation.detection.reverse import ReverseResult
-from bna_gateway.mitigation.detection.stages.targets import TargetScan, reach_of
+from bna_gateway.mitigation.detection.stages.targets import TargetScan, with_reach_rows
 from bna_gateway.mitigation.detection.statistic import all_pairs
 from bna_gateway.mitigation.detection.suspect import Suspect
 
@@ -38,26 +40,56 @@ class PairScan:
         return self.result.family.name
 
 
-def pairs_to_scan(suspect: Suspect, universal: dict[str, TargetScan], cfg: DetectionConfig
-                  ) -> tuple[list[tuple[int, int]], bool]:
-    """Every ordered pair, or (beyond ``max_pairs``) each source's most likely targets; complete or not."""
+@dataclass(frozen=True)
+class PairChoice:
+    """The pairs the pair scan optimises, and the target scans with the reach the choice measured."""
+
+    pairs: list[tuple[int, int]]
+    complete: bool  # every ordered pair
+    universal: dict[str, TargetScan]
+    screened: int = 0  # universal triggers whose reach was measured
+    seconds: float = 0.0
+
+
+def choose_pairs(suspect: Suspect, universal: dict[str, TargetScan], cfg: DetectionConfig) -> PairChoice:
+    """Every ordered pair, or (beyond ``max_pairs``) each source's ``pairs_per_source`` most likely targets.
+
+    A pair's odds are the reach of the target's universal trigger on the source (the fraction of its screen
+    images sent there) times the trigger's ``smallness``, the largest over the families. Reach is at most 1,
+    so a trigger's smallness bounds its odds: triggers are measured in rounds of ``screen_batch``, the
+    largest bound first, until every source's ``pairs_per_source``-th best odds is at least the bound of
+    every trigger not measured; those could not enter any source's choice."""
     pairs = all_pairs(suspect.num_classes)
     if len(pairs) <= cfg.max_pairs or not universal:
-        return pairs, True
+        return PairChoice(pairs, True, universal)
+    start = time.perf_counter()
     k = suspect.num_classes
-    # [source, target]: how much of the source the target's universal trigger sends there, times how small
-    # that trigger is against its family's median (a universal trigger of the usual size for K classes is
-    # large enough to send nearly everything anywhere; a backdoor's is the small one)
+    want = min(cfg.pairs_per_source, k - 1)
+    small = {name: smallness(scan.result.size) for name, scan in universal.items()}
+    order = sorted(((float(b), name, r) for name, s in small.items() for r, b in enumerate(s.tolist()) if b > 0),
+                   key=lambda e: -e[0])
     likely = torch.zeros(k, k)
-    for scan in universal.values():
-        odds = reach_of(suspect, scan, cfg).T * smallness(scan.result.size)
-        likely[:, scan.targets] = torch.maximum(likely[:, scan.targets], odds)
-    likely.fill_diagonal_(-1.0)
-    top = likely.topk(min(cfg.pairs_per_source, k - 1), dim=1).indices
+    likely.fill_diagonal_(float("-inf"))
+    scans = dict(universal)
+    screened, pos = 0, 0
+    while pos < len(order):
+        if bool((likely.topk(want, dim=1).values[:, -1] >= order[pos][0]).all()):
+            break
+        batch, pos = order[pos : pos + cfg.screen_batch], pos + cfg.screen_batch
+        for name in dict.fromkeys(name for _, name, _ in batch):
+            rows = [r for _, n, r in batch if n == name]
+            screened += int(scans[name].known_reach(k)[rows].isnan().any(dim=1).sum())
+            scans[name] = with_reach_rows(suspect, scans[name], rows, cfg)
+            odds = scans[name].reach[rows].T * small[name][rows]  # [K, rows]
+            cols = torch.tensor([scans[name].targets[r] for r in rows])
+            likely[:, cols] = torch.maximum(likely[:, cols], odds)
+            likely.fill_diagonal_(float("-inf"))  # a class is no target of its own
+    top = likely.topk(want, dim=1).indices
     chosen = sorted({(s, int(t)) for s in range(k) for t in top[s].tolist()})
-    log.info("%d classes: scanning %d of %d pairs (each source's %d most likely targets)", k, len(chosen),
-             len(pairs), cfg.pairs_per_source)
-    return chosen, False
+    seconds = time.perf_counter() - start
+    log.info("%d classes: scanning %d of %d pairs (each source's %d most likely targets); reach of %d of %d "
+             "universal triggers measured in %.1f s", k, len(chosen), len(pairs), want, screened, len(order), seconds)
+    return PairChoice(chosen, False, scans, screened, seconds)
 
 
 def smallness(size: torch.Tensor) -> torch.Tensor:
@@ -71,17 +103,15 @@ def smallness(size: torch.Tensor) -> torch.Tensor:
     return out.float()
 
 
-def scan_pairs(suspect: Suspect, cfg: DetectionConfig, universal: dict[str, TargetScan] | None = None
-               ) -> tuple[dict[str, PairScan], dict[str, float]]:
-    """Every family's pair scan, and the seconds each took (``pairs_<family>``)."""
-    pairs, complete = pairs_to_scan(suspect, universal or {}, cfg)
-    groups, targets = [[s] for s, _ in pairs], [t for _, t in pairs]
+def scan_pairs(suspect: Suspect, cfg: DetectionConfig, choice: PairChoice) -> tuple[dict[str, PairScan], dict[str, float]]:
+    """Every family's scan of the chosen pairs, and the seconds each took (``pairs_<family>``)."""
+    groups, targets = [[s] for s, _ in choice.pairs], [t for _, t in choice.pairs]
     scans: dict[str, PairScan] = {}
     timings: dict[str, float] = {}
     for fam in cfg.families:
         start = time.perf_counter()
         result = suspect.reverse(groups, targets, fam, cfg.pair_for(fam), desc=f"pairs/{fam.name}")
         timings[f"pairs_{fam.name}"] = time.perf_counter() - start
-        scans[fam.name] = PairScan(pairs, result, complete)
-        log.info("%s: %d pairs in %.1f s", fam.name, len(pairs), timings[f"pairs_{fam.name}"])
+        scans[fam.name] = PairScan(choice.pairs, result, choice.complete)
+        log.info("%s: %d pairs in %.1f s", fam.name, len(choice.pairs), timings[f"pairs_{fam.name}"])
     return scans, timings

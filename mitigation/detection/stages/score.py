@@ -4,8 +4,10 @@
   a pair is judged in the family where it is most anomalous and flagged above ``threshold``.
 - Targets: each family's column evidence of a target (the median of its pairs' scores over the
   sources) and its robust z-score against the other targets' columns (some classes are naturally
-  easier to reach than others: that is the target level's null population). A target above
-  ``target_threshold`` is a candidate even when none of its pairs is flagged.
+  easier to reach than others: that is the target level's null population); from
+  ``universal_test_classes`` classes up, also its universal trigger's size against the other targets'
+  (above ``universal_threshold``). A target above ``target_threshold`` is a candidate even when none of
+  its pairs is flagged.
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ def score_targets(scans: dict[str, PairScan], universal: dict[str, TargetScan], 
                   cfg: DetectionConfig) -> dict[str, TargetEvidence]:
     """Each family's evidence per target: its column of pair scores and the universal trigger, each scored
     against the other targets'; the target's score is the larger of the two (the universal one only
-    with at least ``universal_test_classes`` classes)."""
+    with at least ``universal_test_classes`` classes, and scaled so that it passes ``target_threshold``
+    where it passes its own ``universal_threshold``)."""
     out: dict[str, TargetEvidence] = {}
     for name, scan in scans.items():
         _, score = pair_scores(scan.result.size, scan.pairs, num_classes, _statistic(scan, cfg))
@@ -61,7 +64,9 @@ def score_targets(scans: dict[str, PairScan], universal: dict[str, TargetScan], 
         size = uni.result.size if uni is not None else torch.full((num_classes,), float("nan"))
         asr = uni.result.asr if uni is not None else torch.full((num_classes,), float("nan"))
         universal_z = universal_scores(size)
-        combined = torch.maximum(column_z, universal_z) if num_classes >= cfg.universal_test_classes else column_z
+        combined = column_z
+        if num_classes >= cfg.universal_test_classes:  # on the column's scale: above target_threshold iff above its own
+            combined = torch.maximum(column_z, universal_z * (cfg.target_threshold / cfg.universal_threshold))
         out[name] = TargetEvidence(_rounded(column), _rounded(combined), size.tolist(), asr.tolist(),
                                    _rounded(column_z), _rounded(universal_z))
         log.info("%s: target scores %s", name, " ".join(f"{v:.1f}" for v in combined.tolist()))

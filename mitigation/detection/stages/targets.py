@@ -6,19 +6,21 @@ pairs' triggers; a class that is merely easy to reach needs a different change f
 its universal trigger is far larger than its pairs'. K groups instead of K(K-1), so it scales with the
 number of classes. The universal triggers serve twice: as evidence at the level where an all-to-one
 attack acts (stage 3), and as donors that tighten the pairs they work on (stage 2).
-docs/method.md#1-target-scan-and-pair-scan.
+
+Where a universal trigger sends each class (its *reach*) is measured on demand, entry by entry or row by
+row, by the stages that read it (the many-class pair choice, the transfer): ``TargetScan.reach`` holds
+what has been measured so far (NaN elsewhere). docs/method.md#1-target-scan-and-pair-scan.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from bna_gateway.mitigation.detection.config import DetectionConfig
-from bna_gateway.mitigation.detection.reverse import ReverseResult
-from bna_gateway.mitigation.detection.statistic import all_pairs
+from bna_gateway.mitigation.detection.reverse import ReverseResult, group_pools, success_rate
 from bna_gateway.mitigation.detection.suspect import Suspect
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,8 @@ class TargetScan:
     targets: list[int]
     sources: list[list[int]]
     result: ReverseResult
-    # [T, K]: the fraction of each class's screen images that target t's universal trigger sends to t
-    # (``universal_reach``); None where no later stage needs it
+    # [T, K]: the fraction of each class's screen images that target t's universal trigger sends to t, NaN
+    # where it has not been measured; None: nothing measured yet
     reach: torch.Tensor | None = None
 
     @property
@@ -42,40 +44,58 @@ class TargetScan:
     def size_of(self) -> dict[int, float]:
         return {t: float(s) for t, s in zip(self.targets, self.result.size.tolist())}
 
+    def known_reach(self, num_classes: int) -> torch.Tensor:
+        """[T, K] the reach measured so far (NaN where not)."""
+        if self.reach is not None:
+            return self.reach.clone()
+        return torch.full((len(self.targets), num_classes), float("nan"))
+
 
 def scan_targets(suspect: Suspect, cfg: DetectionConfig) -> tuple[dict[str, TargetScan], dict[str, float]]:
-    """Every family's target scan with its reach screen, and the seconds each took (``targets_<family>``,
-    ``screen_<family>``). The screen is measured once here for the two stages that read it: the pair
-    choice beyond ``max_pairs`` pairs and the transfer from universal triggers."""
+    """Every family's target scan, and the seconds each took (``targets_<family>``)."""
     present = suspect.present
     targets = list(range(suspect.num_classes))
     sources = [[c for c in present if c != t] for t in targets]
-    screen = cfg.transfer_success is not None or len(all_pairs(suspect.num_classes)) > cfg.max_pairs
+    rc = cfg.target_for(suspect.num_classes)
     scans: dict[str, TargetScan] = {}
     timings: dict[str, float] = {}
     for fam in cfg.families:
         start = time.perf_counter()
-        result = suspect.reverse(sources, targets, fam, cfg.target, desc=f"targets/{fam.name}")
+        result = suspect.reverse(sources, targets, fam, rc, desc=f"targets/{fam.name}")
         timings[f"targets_{fam.name}"] = time.perf_counter() - start
         log.info("%s: %d universal triggers in %.1f s", fam.name, len(targets), timings[f"targets_{fam.name}"])
-        reach = None
-        if screen:
-            start = time.perf_counter()
-            reach = universal_reach(suspect, result, targets, cfg)
-            timings[f"screen_{fam.name}"] = time.perf_counter() - start
-        scans[fam.name] = TargetScan(targets, sources, result, reach)
+        scans[fam.name] = TargetScan(targets, sources, result)
     return scans, timings
 
 
-def universal_reach(suspect: Suspect, result: ReverseResult, targets: list[int], cfg: DetectionConfig
-                    ) -> torch.Tensor:
-    """[T, K]: the fraction of each class's screen images (about ``screen_images`` in all, an equal share
-    per class, so the cost grows with K) that each target's universal trigger sends to that target."""
-    per_class = max(1, cfg.screen_images // suspect.num_classes)
-    frac = suspect.fractions(result.family, result.tensors, cfg.pair, per_class=per_class)  # [T, K, K]
-    return frac[torch.arange(len(targets)), :, torch.tensor(targets)]
+def screen_per_class(suspect: Suspect, cfg: DetectionConfig) -> int:
+    """Screen images per class: an equal share of about ``screen_images`` (so a row costs the same at any K)."""
+    return max(1, cfg.screen_images // suspect.num_classes)
 
 
-def reach_of(suspect: Suspect, scan: TargetScan, cfg: DetectionConfig) -> torch.Tensor:
-    """``scan.reach``, measured now if the scan was made without it."""
-    return scan.reach if scan.reach is not None else universal_reach(suspect, scan.result, scan.targets, cfg)
+def with_reach_rows(suspect: Suspect, scan: TargetScan, rows: list[int], cfg: DetectionConfig) -> TargetScan:
+    """``scan`` with the whole reach of the universal triggers ``rows`` measured (rows already measured in
+    full are not measured again): where each one sends each class's first ``screen_per_class`` images."""
+    reach = scan.known_reach(suspect.num_classes)
+    rows = [r for r in rows if bool(reach[r].isnan().any())]
+    if not rows:
+        return replace(scan, reach=reach)
+    tensors = {n: v[rows] for n, v in scan.result.tensors.items()}
+    frac = suspect.fractions(scan.result.family, tensors, cfg.pair, per_class=screen_per_class(suspect, cfg))
+    reach[rows] = frac[torch.arange(len(rows)), :, torch.tensor([scan.targets[r] for r in rows])]
+    return replace(scan, reach=reach)
+
+
+def with_reach_entries(suspect: Suspect, scan: TargetScan, need: torch.Tensor, cfg: DetectionConfig) -> TargetScan:
+    """``scan`` with the reach measured at every entry of ``need`` ([T, K] bool) not measured yet: universal
+    trigger r stamped on class s's first ``screen_per_class`` images, all entries in one batched pass."""
+    reach = scan.known_reach(suspect.num_classes)
+    rows, cls = (need & reach.isnan()).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return replace(scan, reach=reach)
+    xs, ys = suspect.subsample(screen_per_class(suspect, cfg))
+    pools = group_pools(ys.cpu(), [[int(c)] for c in cls])
+    tensors = {n: v[rows] for n, v in scan.result.tensors.items()}
+    targets = torch.tensor(scan.targets)[rows]
+    reach[rows, cls] = success_rate(suspect.model, xs, pools, targets, scan.result.family, tensors, cfg.pair).cpu()
+    return replace(scan, reach=reach)

@@ -19,7 +19,7 @@ import torch
 from bna_gateway.mitigation.detection.config import DetectionConfig
 from bna_gateway.mitigation.detection.records import Transfer
 from bna_gateway.mitigation.detection.stages.scan import PairScan
-from bna_gateway.mitigation.detection.stages.targets import TargetScan, reach_of
+from bna_gateway.mitigation.detection.stages.targets import TargetScan, with_reach_entries
 from bna_gateway.mitigation.detection.statistic import pair_scores
 from bna_gateway.mitigation.detection.suspect import Suspect
 
@@ -52,20 +52,26 @@ def _from_universal(suspect: Suspect, scan: PairScan, universal: TargetScan, siz
     found = torch.isfinite(uni.size)
     if not bool(found.any()):
         return []
-    reach = reach_of(suspect, universal, cfg)  # [T, K], measured once by the target scan
-    where = {p: i for i, p in enumerate(scan.pairs)}
+    row = {t: r for r, t in enumerate(universal.targets)}
+    # (row, source, pair) where target t's universal trigger is found and smaller than the pair's own: only
+    # there can it tighten a pair, so only there is its reach measured (where the pair choice has not)
+    cand = sorted((row[t], s, j) for j, (s, t) in enumerate(scan.pairs)
+                  if t in row and bool(found[row[t]]) and s in universal.sources[row[t]]
+                  and bool(uni.size[row[t]] < size[j]))
+    need = torch.zeros(len(universal.targets), suspect.num_classes, dtype=torch.bool)
+    for r, s, _ in cand:
+        need[r, s] = True
+    reach = with_reach_entries(suspect, universal, need, cfg).known_reach(suspect.num_classes)
     moved: list[Transfer] = []
-    for r in found.nonzero(as_tuple=True)[0].tolist():
+    for r, s, j in cand:
+        rate = float(reach[r, s])
+        if rate < cfg.transfer_success:
+            continue
         t = universal.targets[r]
-        for s in universal.sources[r]:
-            j = where.get((s, t))
-            rate = float(reach[r, s])
-            if j is None or rate < cfg.transfer_success or not bool(uni.size[r] < size[j]):
-                continue
-            moved.append(Transfer(s, t, scan.family, (-1, t), round(rate, 4), float(size[j]), float(uni.size[r])))
-            size[j], asr[j] = uni.size[r], rate
-            for n in tensors:
-                tensors[n][j] = uni.tensors[n][r]
+        moved.append(Transfer(s, t, scan.family, (-1, t), round(rate, 4), float(size[j]), float(uni.size[r])))
+        size[j], asr[j] = uni.size[r], rate
+        for n in tensors:
+            tensors[n][j] = uni.tensors[n][r]
     if moved:
         log.info("%s: universal triggers tightened %d pairs", scan.family, len(moved))
     return moved
