@@ -147,7 +147,20 @@ def judge(case: Case, det: dict, k: int = 10) -> dict:
     else:
         ok = case.target in targets and len(sources.get(case.target, set()) & {s for s, _ in truth}) >= k - 2
     return {"detected": ok, "true_pairs_found": len(found), "true_pairs": len(truth),
-            "false_targets": sorted(targets - true_targets)}
+            "false_targets": sorted(targets - true_targets), **found_evidence(det, true_targets)}
+
+
+def found_evidence(det: dict, true_targets: set[int]) -> dict:
+    """The found scores (docs/method.md#3-scoring): the highest on a true target, and the highest on any
+    other class, with its family and class."""
+    true_best, other = None, (None, "", -1)
+    for fam, ev in det.get("targets", {}).items():
+        for t, z in enumerate(ev.get("found_score", [])):
+            if t in true_targets:
+                true_best = z if true_best is None else max(true_best, z)
+            elif other[0] is None or z > other[0]:
+                other = (z, fam, t)
+    return {"found_true": true_best, "found_other": other[0], "found_other_at": f"{other[1]} {other[2]}"}
 
 
 def evidence(case: Case, det: dict) -> str:
@@ -234,6 +247,14 @@ def write_results(rows: list[dict], tag: str) -> str:
               f"target: {summary['clean_with_a_target']} / {summary['clean']}; false targets on poisoned models: "
               f"{summary['false_targets_on_poisoned']}; detect seconds mean {summary['mean_detect_seconds']}, "
               f"max {summary['max_detect_seconds']}."]
+    others = [r for r in rows if r.get("found_other") is not None]
+    if others:
+        top = max(others, key=lambda r: r["found_other"])
+        trues = [r["found_true"] for r in poisoned if r["mode"] == "a2o" and r.get("found_true") is not None]
+        lines += ["", f"Found scores: highest on a class that is not a true target {top['found_other']:.2f} "
+                  f"({top['name']}, {top['found_other_at']}); on true targets above 5: "
+                  + (", ".join(f"{r['name']} {r['found_true']:.2f}" for r in poisoned if (r.get("found_true") or 0) > 5)
+                     or "none") + f" (of {len(trues)} all-to-one models)."]
     if misses:
         lines += ["", "Misses:"] + [f"- {r['name']}: {r['evidence']}" for r in misses]
     (results / f"detect_panel{tag}.md").write_text("\n".join(lines) + "\n")

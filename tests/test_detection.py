@@ -30,8 +30,9 @@ from bna_gateway.mitigation.detection.stages.expand import expand_sources
 from bna_gateway.mitigation.detection.stages.scan import PairScan
 from bna_gateway.mitigation.detection.stages.share import share_patches
 from bna_gateway.mitigation.detection.stages.transfer import transfer_triggers
-from bna_gateway.mitigation.detection.statistic import (MAD_CONSISTENCY, all_pairs, mad_scores, pair_statistic,
-                                                        resolve_statistic, universal_scores)
+from bna_gateway.mitigation.detection.stages.reach import require_reach
+from bna_gateway.mitigation.detection.statistic import (MAD_CONSISTENCY, all_pairs, found_scores, mad_scores,
+                                                        pair_statistic, resolve_statistic, universal_scores)
 from bna_gateway.mitigation.detection.suspect import Suspect
 from bna_gateway.mitigation.detection.table import scores_table
 from bna_gateway.mitigation.triggers import PATCH, PERTURBATION, Trigger, family
@@ -95,8 +96,10 @@ class PlantedOptimiser:
         for g, t in zip(groups, targets):
             if len(g) == 1:
                 sizes.append(self.single.get(name, {}).get((g[0], t), self.default))
-            else:
-                sizes.append(self.joint.get((tuple(sorted(g)), t), min(self.single[name][(s, t)] for s in g)))
+            else:  # a joint size by (family, sources, target), or (sources, target) in every family
+                key = (tuple(sorted(g)), t)
+                smallest = min(self.single.get(name, {}).get((s, t), self.default) for s in g)
+                sizes.append(self.joint.get((name, *key), self.joint.get(key, smallest)))
         n = len(groups)
         tensors = {"delta": torch.zeros(n, *x.shape[1:])} if name == "perturbation" else \
             {"mask": torch.zeros(n, 1, *x.shape[2:]), "pattern": torch.zeros(n, *x.shape[1:])}
@@ -242,10 +245,10 @@ def test_a_target_anomalous_in_both_families_is_estimated_in_both(run_planted) -
     trig = res.triggers[9]
     assert res.detected_targets == [9] and trig.family == "patch" and set(trig.alternatives) == {"perturbation"}
     assert set(trig.alternatives["perturbation"]) == {"delta"}
-    # target scans, pair scans, then one re-estimate per family: the target's own (joint + smallest alone)
-    # and its estimate in the other family
+    # target scans, pair scans, then one re-estimate per family: in each, the joint trigger and the family's
+    # smallest pair alone (each family gets the all-to-all test)
     assert fake.calls == [("patch", 10), ("perturbation", 10), ("patch", 90), ("perturbation", 90), ("patch", 2),
-                          ("perturbation", 1)]
+                          ("perturbation", 2)]
     assert len(trig.variants()) == 1 + 3  # the stamped patch, and the perturbation at three strengths
     assert res.as_dict()["triggers"]["9"]["also"] == ["perturbation"]
 
@@ -285,6 +288,80 @@ def test_failed_optimisations_do_not_hide_a_target(run_planted) -> None:
         sizes[(s, 0)] = float("inf") if s in (2, 5, 7) else 0.5
     res, _ = run_planted({"perturbation": sizes}, {(tuple(range(1, 10)), 0): 0.6})
     assert 0 in res.detected_targets and res.target_evidence["perturbation"].score[0] > res.target_threshold
+
+
+def test_where_a_family_succeeds_is_evidence_when_it_fails_almost_everywhere() -> None:
+    """WaNet's noise mode: warps fail on nearly every pair, except into the target from every source."""
+    pairs = all_pairs(10)
+    inf = float("inf")
+    size = torch.tensor([0.1 if t == 4 else (0.2 if (s, t) in {(0, 2), (3, 7), (8, 1), (9, 5)} else inf)
+                         for s, t in pairs])
+    z = found_scores(size, pairs, 10)
+    assert float(z[4]) > 6 and float(z.max()) == float(z[4]) and float(torch.cat([z[:4], z[5:]]).max()) < 1.5
+    # a column that succeeds everywhere where every column does is not evidence
+    assert float(found_scores(torch.ones(len(pairs)), pairs, 10).max()) == 0.0
+    # random successes at about 40%, one column 9 of 9 by chance: a few sigma, under the target threshold
+    g = torch.Generator().manual_seed(0)
+    size = torch.where(torch.rand(len(pairs), generator=g) < 0.4, 1.0, inf)
+    size[[i for i, (_, t) in enumerate(pairs) if t == 2]] = 1.0
+    assert 2.0 < float(found_scores(size, pairs, 10)[2]) < DetectionConfig().target_threshold
+
+
+def test_a_backdoor_that_only_its_own_column_can_reverse_is_a_target(run_planted) -> None:
+    sizes = {p: float("inf") for p in all_pairs(10)}
+    for s, t in [(0, 2), (3, 7), (8, 1), (9, 5)]:
+        sizes[(s, t)] = 0.15  # a handful of natural warps elsewhere
+    for s in range(10):
+        if s != 4:
+            sizes[(s, 4)] = 0.1 + 0.01 * s
+    res, _ = run_planted({"perturbation": sizes})
+    evidence = res.target_evidence["perturbation"]
+    assert evidence.found_score[4] > res.target_threshold and max(evidence.column_score) < res.target_threshold
+    assert res.detected_targets == [4] and res.sources[4] == [s for s in range(10) if s != 4]
+    assert res.as_dict()["targets"]["perturbation"]["found_score"][4] == pytest.approx(evidence.found_score[4])
+
+
+def test_the_family_in_which_one_trigger_serves_most_sources_describes_the_target(run_planted) -> None:
+    """A blend seen as a few small patches: in the patch family the sources need different patches (the
+    joint one is far larger than the smallest pair's), in the perturbation family one serves them all."""
+    pairs = all_pairs(10)
+    patch, pert = _jitter(pairs, 20.0, 21), _jitter(pairs, 1.0, 22)
+    for s in (0, 1, 2, 3, 4, 5, 6, 8, 9):
+        patch[(s, 7)] = 4.0 + 0.1 * s if s in (4, 9) else 12.0
+        pert[(s, 7)] = 0.5 + 0.01 * s
+    joint = {("patch", (0, 1, 2, 3, 4, 5, 6, 8, 9), 7): 19.0, ("perturbation", (0, 1, 2, 3, 4, 5, 6, 8, 9), 7): 0.6}
+    res, fake = run_planted({"patch": patch, "perturbation": pert}, joint, trigger_type="both")
+    assert res.target_evidence["perturbation"].score[7] > res.target_threshold
+    assert any(p.flagged and p.family == "patch" for p in res.pairs if p.target == 7)
+    trig = res.triggers[7]
+    assert res.detected_targets == [7] and trig.family == "perturbation"
+    assert trig.sources == [0, 1, 2, 3, 4, 5, 6, 8, 9] and not res.eliminated
+    assert fake.calls[-2:] == [("patch", 2), ("perturbation", 2)]  # each family: joint and its smallest pair
+
+
+def _trigger(target: int, sources: list[int], fit: list[int]) -> TargetTrigger:
+    return TargetTrigger(target, sources, "warp", {"flow": torch.zeros(2, 2, 2)}, 0.9, 1.0, 9.0, fit)
+
+
+def test_a_trigger_that_moves_only_its_own_source_is_not_a_backdoor() -> None:
+    present = list(range(10))
+    triggers = {
+        2: _trigger(2, [1], []),  # a natural pair: "1" bent into a "2", nothing else moves
+        5: _trigger(5, [1, 7], [9]),  # two look-alike sources and one more class
+        6: _trigger(6, [5], [0, 1, 2, 3, 4, 7, 8, 9]),  # an all-to-all trigger: every class moves somewhere
+        9: _trigger(9, [0, 1, 2, 3, 5, 6, 7], []),  # an all-to-one target with most of its sources
+    }
+    kept, narrow = require_reach(triggers, present, DetectionConfig())
+    assert sorted(kept) == [6, 9]
+    assert [(n.target, n.sources, n.reach, n.needed) for n in narrow] == [(2, [1], [1], 5), (5, [1, 7], [1, 7, 9], 5)]
+    assert sorted(require_reach(triggers, present, DetectionConfig(min_reach=0.0))[0]) == [2, 5, 6, 9]
+    assert sorted(require_reach(triggers, present, DetectionConfig(expand_sources=None))[0]) == [2, 5, 6, 9]
+    res = DetectionResult([], 7.0, "warp", kept, 0.0, {}, narrow=narrow)
+    assert "target 2 (sources [1]) dropped: its warp trigger moves only classes [1]" in scores_table(res)
+    assert res.as_dict()["narrow_triggers"][1] == {"target": 5, "sources": [1, 7], "reach": [1, 7, 9], "needed": 5,
+                                                   "family": "warp", "score": 9.0}
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        DetectionConfig(min_reach=1.5)
 
 
 # ---------------------------------------------------------------- the real optimiser on a tiny model

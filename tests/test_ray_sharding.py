@@ -31,8 +31,11 @@ from bna_gateway.mitigation.triggers import PATCH
 ray = pytest.importorskip("ray", reason="the optional dependency ray (pip install -e '.[ray]')")
 
 SHORT = ReverseConfig(steps=12, images_per_group=4, max_images_per_pass=32, progress=False)
+# short budgets find the backdoor from one source only; the reach test, which drops such a target, is off so
+# that the runs also compare trigger estimates
 CONFIG = DetectionConfig(trigger_type="all", pair=SHORT, target=ReverseConfig(steps=12, images_per_group=8,
-                         max_images_per_pass=32, progress=False), reestimate_steps=12, reestimate_images=8)
+                         max_images_per_pass=32, progress=False), reestimate_steps=12, reestimate_images=8,
+                         min_reach=0.0)
 RUN = RunOptions(seed=0, device="cpu", progress=False)
 TIMES = ("seconds", "timings")  # wall-clock: the only fields allowed to differ
 

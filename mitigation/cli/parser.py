@@ -23,6 +23,7 @@ def _number(kind: type, test: Callable[[Any], bool], what: str) -> Callable[[str
 
 
 POSITIVE_FLOAT = _number(float, lambda v: v > 0, "greater than 0")
+FRACTION = _number(float, lambda v: 0 <= v <= 1, "between 0 and 1")
 NON_NEGATIVE_INT = _number(int, lambda v: v >= 0, "0 or more")
 POSITIVE_INT = _number(int, lambda v: v > 0, "1 or more")
 
@@ -61,6 +62,11 @@ def _add_detection(p: argparse.ArgumentParser, steps_flag: str) -> None:
     p.add_argument("--target-threshold", type=POSITIVE_FLOAT, default=DEFAULT_TARGET_THRESHOLD,
                    help="MAD anomaly threshold of a target's column of pair scores against the other targets' "
                         f"(default {DEFAULT_TARGET_THRESHOLD:g})")
+    p.add_argument("--min-reach", type=FRACTION, default=DetectionConfig().min_reach,
+                   help="keep a target only when its trigger moves at least this fraction of the other classes "
+                        "(its sources and the classes it sends elsewhere): a backdoor's trigger moves most, a "
+                        f"natural pair's one or two; 0 = off, for source-specific attacks (default "
+                        f"{DetectionConfig().min_reach:g})")
     p.add_argument("--statistic", choices=STATISTICS, default="auto",
                    help="pair statistic: plain = 1/size (the paper), source = the source's median size / size "
                         "(an easy source is not flagged towards every class); auto = source from 5 classes up")

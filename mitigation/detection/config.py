@@ -120,6 +120,10 @@ class DetectionConfig:
     # to t (None: off). An all-to-one backdoor's trigger works on every class, also on the sources whose
     # pair stayed under the threshold; a natural or all-to-all pair's trigger does not transfer.
     expand_sources: float | None = 0.5
+    # reach test: a target is kept only when its trigger moves at least this fraction of the other classes
+    # (its sources, and the classes it sends elsewhere); a backdoor's trigger overrides most images, a natural
+    # pair's moves one or two look-alike classes (0: off; needs expand_sources, which measures it)
+    min_reach: float = 0.5
     # a target whose trigger also moves other classes elsewhere (an all-to-all backdoor) has its trigger
     # re-fitted on that whole domain, each class towards where the trigger sends it
     domain_refit: bool = True
@@ -138,6 +142,8 @@ class DetectionConfig:
         if self.universal_threshold <= 0 or self.target_threshold <= 0:
             raise ValueError(f"the target and universal thresholds must be positive, not {self.target_threshold} and "
                              f"{self.universal_threshold}")
+        if not 0.0 <= self.min_reach <= 1.0:
+            raise ValueError(f"min_reach is a fraction of the classes, between 0 and 1, not {self.min_reach}")
         if self.screen_batch < 1 or self.screen_images < 1 or self.target_step_images < 1:
             raise ValueError(f"screen_batch, screen_images and target_step_images must be at least 1, not "
                              f"{self.screen_batch}, {self.screen_images} and {self.target_step_images}")

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bna_gateway.mitigation.detection.records import (AddedSource, DetectionResult, DomainRefit, Elimination,
-                                                      PairRecord, TargetEvidence, TargetTrigger, Transfer)
+                                                      NarrowTrigger, PairRecord, TargetEvidence, TargetTrigger,
+                                                      Transfer)
 
 DETECTION_JSON = "detection.json"
 TRIGGERS_FILE = "triggers.safetensors"
@@ -72,6 +73,7 @@ def read_detection(path: Path) -> DetectionResult:
         refitted=[DomainRefit.from_dict(r) for r in doc.get("refitted_on_domain", [])],
         target_evidence={f: TargetEvidence.from_dict(e) for f, e in doc.get("targets", {}).items()},
         target_threshold=doc.get("target_threshold"),
+        narrow=[NarrowTrigger.from_dict(n) for n in doc.get("narrow_triggers", [])],
     )
 
 

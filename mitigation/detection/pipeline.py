@@ -14,7 +14,9 @@
 5. ``estimate_targets``: re-estimate each candidate's trigger jointly; the all-to-all / universality
    test. Needs the candidates' sources.
 6. ``expand_sources``: the estimate stamped on every class adds sources and reveals missed targets.
-   Needs a good (joint, solid) estimate, so after stage 5.
+   Needs a good (joint, solid) estimate, so after stage 5. ``require_reach``: a target whose trigger
+   moves only a few classes (sources and classes sent elsewhere) is a natural pair, dropped. Needs where
+   each trigger sends every class, which stage 6 measures; before the re-fits, which it spares.
 7. ``refit_on_domain``: triggers that move other classes are re-fitted on their whole domain. Needs the
    fit classes that stage 6 finds.
 8. ``share_patches``: patch targets whose stamps fire each other's sources get their union. Last,
@@ -31,11 +33,12 @@ import torch
 from torch import nn
 
 from bna_gateway.mitigation.detection.config import DetectionConfig
-from bna_gateway.mitigation.detection.records import DetectionResult, Elimination, PairRecord
+from bna_gateway.mitigation.detection.records import DetectionResult, Elimination, NarrowTrigger, PairRecord
 from bna_gateway.mitigation.detection.reverse import reverse_engineer
 from bna_gateway.mitigation.detection.stages.domain import refit_on_domain
 from bna_gateway.mitigation.detection.stages.estimate import estimate_targets
 from bna_gateway.mitigation.detection.stages.expand import expand_sources
+from bna_gateway.mitigation.detection.stages.reach import require_reach
 from bna_gateway.mitigation.detection.stages.scan import choose_pairs, scan_pairs
 from bna_gateway.mitigation.detection.stages.score import score_pairs, score_targets
 from bna_gateway.mitigation.detection.stages.select import select_candidates
@@ -71,16 +74,18 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     candidates = select_candidates(records, evidence, suspect.present, cfg)
     triggers, eliminated = estimate_targets(suspect, candidates, cfg)
     triggers, added = expand_sources(suspect, triggers, cfg)
+    triggers, narrow = require_reach(triggers, suspect.present, cfg)
     triggers, refitted = refit_on_domain(suspect, triggers, cfg)
     triggers = share_patches(suspect, triggers, cfg)
     timings["reestimate"] = time.perf_counter() - t
-    return DetectionResult(_unflag(records, eliminated), cfg.threshold, cfg.trigger_type, triggers,
+    return DetectionResult(_unflag(records, eliminated, narrow), cfg.threshold, cfg.trigger_type, triggers,
                            time.perf_counter() - start, timings, eliminated, added,
                            resolve_statistic(cfg.statistic, num_classes), transferred, refitted,
-                           evidence, cfg.target_threshold)
+                           evidence, cfg.target_threshold, narrow)
 
 
-def _unflag(records: list[PairRecord], eliminated: list[Elimination]) -> list[PairRecord]:
-    """The pair records with the pairs the all-to-all test eliminated no longer flagged."""
-    dropped = {(e.source, e.target) for e in eliminated}
+def _unflag(records: list[PairRecord], eliminated: list[Elimination], narrow: list[NarrowTrigger]
+            ) -> list[PairRecord]:
+    """The pair records with the pairs the all-to-all and reach tests dropped no longer flagged."""
+    dropped = {(e.source, e.target) for e in eliminated} | {(s, n.target) for n in narrow for s in n.sources}
     return [replace(r, flagged=False) if (r.source, r.target) in dropped else r for r in records]

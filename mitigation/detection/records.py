@@ -33,7 +33,8 @@ class FamilyEvidence:
 class TargetEvidence:
     """One family's evidence per target class (lists indexed by class): the median pair score of its
     column, the universal trigger of the target scan (size, success on the pooled sources), each scored
-    against the other targets' (``column_score``, ``universal_score``), and the target's ``score``."""
+    against the other targets' (``column_score``, ``universal_score``), the count of its pairs whose
+    optimisation succeeded against the family's rate (``found_score``), and the target's ``score``."""
 
     column: list[float]
     score: list[float]
@@ -41,6 +42,7 @@ class TargetEvidence:
     universal_asr: list[float]
     column_score: list[float] = field(default_factory=list)
     universal_score: list[float] = field(default_factory=list)
+    found_score: list[float] = field(default_factory=list)
 
     def flagged_targets(self, threshold: float) -> list[int]:
         return [t for t, z in enumerate(self.score) if z > threshold]
@@ -48,13 +50,13 @@ class TargetEvidence:
     def as_dict(self) -> dict[str, list[float]]:
         return {"column": self.column, "score": self.score, "universal_size": self.universal_size,
                 "universal_asr": self.universal_asr, "column_score": self.column_score,
-                "universal_score": self.universal_score}
+                "universal_score": self.universal_score, "found_score": self.found_score}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TargetEvidence":
         floats = lambda key: [float(v) for v in d.get(key, [])]  # noqa: E731
         return cls(floats("column"), floats("score"), floats("universal_size"), floats("universal_asr"),
-                   floats("column_score"), floats("universal_score"))
+                   floats("column_score"), floats("universal_score"), floats("found_score"))
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,28 @@ class Elimination:
 
 
 @dataclass(frozen=True)
+class NarrowTrigger:
+    """A target dropped by the reach test: its trigger moves only the classes ``reach`` (sources and
+    classes sent elsewhere), fewer than ``needed``."""
+
+    target: int
+    sources: list[int]
+    reach: list[int]
+    needed: int
+    family: str
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "sources": self.sources, "reach": self.reach, "needed": self.needed,
+                "family": self.family, "score": self.score}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NarrowTrigger":
+        return cls(int(d["target"]), [int(s) for s in d["sources"]], [int(c) for c in d["reach"]], int(d["needed"]),
+                   d.get("family", ""), float(d.get("score", 0.0)))
+
+
+@dataclass(frozen=True)
 class DomainRefit:
     """A target's trigger re-fitted on its whole domain (sources + fit classes), kept or not."""
 
@@ -227,6 +251,7 @@ class DetectionResult:
     refitted: list[DomainRefit] = field(default_factory=list)
     target_evidence: dict[str, TargetEvidence] = field(default_factory=dict)
     target_threshold: float | None = None
+    narrow: list[NarrowTrigger] = field(default_factory=list)
 
     @property
     def detected_targets(self) -> list[int]:
@@ -246,6 +271,7 @@ class DetectionResult:
             "triggers": {str(t): tr.summary() for t, tr in sorted(self.triggers.items())},
             "eliminated_pairs": [e.as_dict() for e in self.eliminated],
             "added_sources": [a.as_dict() for a in self.added_sources],
+            "narrow_triggers": [n.as_dict() for n in self.narrow],
             "transferred": [m.as_dict() for m in self.transferred],
             "refitted_on_domain": [r.as_dict() for r in self.refitted],
             "target_threshold": self.target_threshold,

@@ -97,6 +97,34 @@ def target_scores(column: torch.Tensor, sources: int) -> torch.Tensor:
     return mad_scores(column, scale_floor=1.2533 / math.sqrt(max(1, sources)))
 
 
+def found_scores(size: torch.Tensor, pairs: list[tuple[int, int]], num_classes: int) -> torch.Tensor:
+    """[K] how many of each target's pair optimisations succeeded, against the family's success rate on the
+    other targets' pairs: the one-sided binomial tail P(X >= found_t), X ~ Binomial(scanned_t, rate), as a
+    standard normal z (0 where no more succeeded than the rate predicts).
+
+    A family whose optimisation fails on most pairs (a warp on a network trained against random warps, as
+    WaNet's "noise mode" does) gives those pairs no size, so they leave no statistic and no column score;
+    the backdoor then shows only in *where* the optimisation succeeds: every source into its target,
+    hardly anything elsewhere (9 of 9 against 4 of 81). The rate is the other targets' (leave-one-column-out,
+    with half a success and half a failure added so it is never 0 or 1), so a backdoor's own column does not
+    raise its own null."""
+    size = size.double()
+    tgt = torch.tensor([t for _, t in pairs], dtype=torch.long)
+    found = (torch.isfinite(size) & (size > 0)).double()
+    n = torch.bincount(tgt, minlength=num_classes).double()
+    x = torch.bincount(tgt, weights=found, minlength=num_classes)
+    rate = (x.sum() - x + 0.5) / (n.sum() - n + 1.0)
+    k = torch.arange(int(n.max().item()) + 1 if len(pairs) else 1, dtype=torch.double)
+    nn, kk, pp = n[:, None], k[None, :], rate[:, None]
+    log_pmf = (torch.lgamma(nn + 1) - torch.lgamma(kk + 1) - torch.lgamma((nn - kk).clamp(min=0) + 1)
+               + kk * pp.log() + (nn - kk) * torch.log1p(-pp))
+    tail = torch.where((kk >= x[:, None]) & (kk <= nn), log_pmf, torch.tensor(float("-inf"), dtype=torch.double))
+    log_tail = torch.logsumexp(tail, dim=1).clamp(min=-700.0)  # exp(-700) is still a double
+    z = -torch.special.ndtri(log_tail.exp())
+    excess = (n > 0) & (x > n * rate)
+    return torch.where(excess, z.clamp(min=0.0), torch.zeros_like(z)).float()
+
+
 def universal_scores(size: torch.Tensor) -> torch.Tensor:
     """[K] Neural Cleanse's anomaly index of each target's universal trigger: the robust z-score of
     -log(size) against the other targets' (a trigger found for no target counts as the largest found)."""

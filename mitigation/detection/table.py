@@ -23,6 +23,9 @@ def scores_table(result: DetectionResult, unflagged: int = 3) -> str:
         else:
             lines.append(f"target {a.target} (source {a.source}) added: the trigger of target {a.trigger_of} sends "
                          f"{100 * a.asr:.0f}% of class {a.source}'s clean images there")
+    for n in result.narrow:
+        lines.append(f"target {n.target} (sources {n.sources}) dropped: its {n.family} trigger moves only classes "
+                     f"{n.reach}, under the {n.needed} a backdoor's trigger moves (a natural pair)")
     for t, tr in sorted(result.triggers.items()):
         fams = [f for f in tr.alternatives if f != "shared"]
         if fams:

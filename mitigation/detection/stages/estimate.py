@@ -8,8 +8,10 @@
   different change for each. It is kept only when the trigger kept works for at least
   ``universal_sources`` of its sources; otherwise it is dropped (recorded as eliminated).
 - A patch estimate becomes a solid stamp when that is no weaker (``binarise_fraction``).
-- A target anomalous in another family too is re-estimated there as well, and its twin is fitted on
-  every estimate (which family describes the real trigger is unknown: a sinusoid is also fired by a
+- A target anomalous in another family too is re-estimated there as well, with the same test; the
+  family in which one trigger explains the most sources becomes the target's (a blended trigger first
+  seen as a few small patches is one perturbation), and its twin is fitted on every estimate made on
+  those same sources (which family describes the real trigger is unknown: a sinusoid is also fired by a
   small patch).
 docs/method.md#5-per-target-estimates.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 from bna_gateway.mitigation.detection.config import DetectionConfig
 from bna_gateway.mitigation.detection.records import Elimination, TargetTrigger
@@ -35,57 +38,73 @@ def estimate_targets(suspect: Suspect, candidates: list[Candidate], cfg: Detecti
     if not candidates:
         return {}, []
     rev = cfg.reestimate()
-    joint = [Job(c.target, c.sources, family(c.family)) for c in candidates]
-    alone = [Job(c.target, [c.smallest], family(c.family)) for c in candidates if c.smallest is not None]
-    others = [Job(c.target, c.sources, family(f)) for c in candidates for f in c.other_families]
-    found = reestimate(suspect, joint + alone + others, rev)
-    estimates = dict(zip((c.target for c in candidates), found[: len(joint)]))
-    singles = dict(zip((j.target for j in alone), found[len(joint): len(joint) + len(alone)]))
-    sources = {c.target: c.sources for c in candidates}
+    joint = [Job(c.target, c.sources, family(f)) for c in candidates for f in _families(c)]
+    alone = [Job(c.target, [s], family(f)) for c in candidates for f, s in _smallest(c).items()]
+    found = reestimate(suspect, joint + alone, rev)
+    estimates = {(j.target, j.family.name): e for j, e in zip(joint, found[: len(joint)])}
+    singles = {(j.target, j.family.name): e for j, e in zip(alone, found[len(joint):])}
+    triggers: dict[int, TargetTrigger] = {}
     eliminated: list[Elimination] = []
     for c in candidates:
-        if c.target in singles:
-            kept, est, dropped = _all_to_all_test(suspect, c, estimates[c.target], singles[c.target], cfg)
-            sources[c.target], estimates[c.target] = kept, est
-            eliminated += dropped
-    triggers = {}
-    for c in candidates:
-        if c.by_column and len(sources[c.target]) < math.ceil(cfg.universal_sources * len(c.sources)):
+        tests = {f: _all_to_all_test(suspect, c, f, s, estimates[(c.target, f)], singles[(c.target, f)], cfg)
+                 for f, s in _smallest(c).items()}
+        if c.family not in tests:  # a single source: nothing to test
+            tests[c.family] = (c.sources, estimates[(c.target, c.family)], [])
+        # the family in which one trigger explains the most sources (the candidate's own on a tie): a blended
+        # trigger scored in the patch family may need a different patch per source, and one perturbation
+        best = max([c.family, *(f for f in c.other_families if f in tests)], key=lambda f: len(tests[f][0]))
+        sources, est, dropped = tests[best]
+        if best != c.family:
+            log.info("target %d: one %s trigger serves %d sources, one %s trigger %d: estimated as a %s", c.target,
+                     best, len(sources), c.family, len(tests[c.family][0]), best)
+        if c.by_column and len(sources) < math.ceil(cfg.universal_sources * len(c.sources)):
             log.info("target %d (found by its column, score %.2f): no one trigger works for most of its sources "
-                     "(%d of %d): not a target", c.target, c.score, len(sources[c.target]), len(c.sources))
-            eliminated += [Elimination(s, c.target, estimates[c.target].size, singles[c.target].size)
-                           for s in sources[c.target]]
+                     "(%d of %d): not a target", c.target, c.score, len(sources), len(c.sources))
+            single = singles.get((c.target, best))
+            eliminated += [Elimination(s, c.target, est.size, single.size if single else est.size) for s in sources]
             continue
-        triggers[c.target] = _target_trigger(suspect, c, sources[c.target], estimates[c.target], cfg)
-    for job, est in zip(others, found[len(joint) + len(alone):]):
-        if job.target not in triggers or job.sources != sources[job.target]:  # sources changed: no longer fits
-            continue
-        tensors, asr = est.tensors, est.asr
-        if job.family is PATCH:
-            tensors, asr = binarise(suspect, job.sources, job.target, tensors, cfg, rev)
-        tr = triggers[job.target]
-        triggers[job.target] = tr.with_(alternatives={**tr.alternatives, job.family.name: tensors})
-        log.info("target %d is anomalous in the %s family too: its twin is fitted on that estimate as well "
-                 "(success %.2f)", job.target, job.family.name, asr)
+        eliminated += dropped
+        chosen = replace(c, family=best, other_families=sorted(f for f in _families(c) if f != best))
+        trigger = _target_trigger(suspect, chosen, sources, est, cfg)
+        for f in chosen.other_families:  # every other family's estimate, where it was fitted on the same sources
+            if sources != c.sources or tests.get(f, (c.sources,))[0] != c.sources:
+                continue
+            tensors, asr = estimates[(c.target, f)].tensors, estimates[(c.target, f)].asr
+            if f == PATCH.name:
+                tensors, asr = binarise(suspect, sources, c.target, tensors, cfg, rev)
+            trigger = trigger.with_(alternatives={**trigger.alternatives, f: tensors})
+            log.info("target %d is anomalous in the %s family too: its twin is fitted on that estimate as well "
+                     "(success %.2f)", c.target, f, asr)
+        triggers[c.target] = trigger
     return triggers, eliminated
 
 
-def _all_to_all_test(suspect: Suspect, c: Candidate, joint: Estimate, alone: Estimate, cfg: DetectionConfig
-                     ) -> tuple[list[int], Estimate, list[Elimination]]:
+def _families(c: Candidate) -> list[str]:
+    """The candidate's family first, then the other families it is anomalous in."""
+    return [c.family, *c.other_families]
+
+
+def _smallest(c: Candidate) -> dict[str, int]:
+    """Each family's smallest single pair, estimated alone for the all-to-all test (the candidate's own first)."""
+    own = {c.family: c.smallest} if c.smallest is not None else {}
+    return {**own, **{f: s for f, s in c.smallest_in.items() if f in c.other_families}}
+
+
+def _all_to_all_test(suspect: Suspect, c: Candidate, fam: str, smallest: int, joint: Estimate, alone: Estimate,
+                     cfg: DetectionConfig) -> tuple[list[int], Estimate, list[Elimination]]:
     """Keep the joint estimate, or (joint far larger than the smallest pair's alone) only the smallest pair
     with the sources its trigger also fires; the sources kept, the estimate, and the pairs dropped."""
     if not joint.size > cfg.joint_ratio * alone.size:
         return c.sources, joint, []
-    assert c.smallest is not None
-    rest = [r for r in c.sources if r != c.smallest]
-    if c.family == PATCH.name:  # the stamped patch that would be served
-        alone = Estimate(binarise(suspect, [c.smallest], c.target, alone.tensors, cfg, cfg.reestimate())[0],
+    rest = [r for r in c.sources if r != smallest]
+    if fam == PATCH.name:  # the stamped patch that would be served
+        alone = Estimate(binarise(suspect, [smallest], c.target, alone.tensors, cfg, cfg.reestimate())[0],
                          alone.size, alone.asr)
-    shared = sources_sharing(suspect, c.target, family(c.family), alone.tensors, rest, cfg)
+    shared = sources_sharing(suspect, c.target, family(fam), alone.tensors, rest, cfg)
     dropped = [Elimination(r, c.target, joint.size, alone.size) for r in rest if r not in shared]
-    kept = sorted([c.smallest, *shared])
-    log.info("target %d: joint trigger %.2f > %.1f x %.2f (source %d alone): keeping sources %s",
-             c.target, joint.size, cfg.joint_ratio, alone.size, c.smallest, kept)
+    kept = sorted([smallest, *shared])
+    log.info("target %d (%s): joint trigger %.2f > %.1f x %.2f (source %d alone): keeping sources %s",
+             c.target, fam, joint.size, cfg.joint_ratio, alone.size, smallest, kept)
     return kept, alone, dropped
 
 

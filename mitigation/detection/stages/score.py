@@ -4,7 +4,9 @@
   a pair is judged in the family where it is most anomalous and flagged above ``threshold``.
 - Targets: each family's column evidence of a target (the median of its pairs' scores over the
   sources) and its robust z-score against the other targets' columns (some classes are naturally
-  easier to reach than others: that is the target level's null population); from
+  easier to reach than others: that is the target level's null population); how many of its pairs'
+  optimisations succeeded against the family's success rate elsewhere (a family that fails on most
+  pairs leaves them no score, and then *where* it succeeds is the evidence); from
   ``universal_test_classes`` classes up, also its universal trigger's size against the other targets'
   (above ``universal_threshold``). A target above ``target_threshold`` is a candidate even when none of
   its pairs is flagged.
@@ -19,7 +21,8 @@ from bna_gateway.mitigation.detection.config import DetectionConfig
 from bna_gateway.mitigation.detection.records import FamilyEvidence, PairRecord, TargetEvidence
 from bna_gateway.mitigation.detection.stages.scan import PairScan
 from bna_gateway.mitigation.detection.stages.targets import TargetScan
-from bna_gateway.mitigation.detection.statistic import column_evidence, pair_scores, target_scores, universal_scores
+from bna_gateway.mitigation.detection.statistic import (column_evidence, found_scores, pair_scores, target_scores,
+                                                        universal_scores)
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +55,10 @@ def _statistic(scan: PairScan, cfg: DetectionConfig) -> str:
 def score_targets(scans: dict[str, PairScan], universal: dict[str, TargetScan], num_classes: int,
                   cfg: DetectionConfig) -> dict[str, TargetEvidence]:
     """Each family's evidence per target: its column of pair scores and the universal trigger, each scored
-    against the other targets'; the target's score is the larger of the two (the universal one only
-    with at least ``universal_test_classes`` classes, and scaled so that it passes ``target_threshold``
-    where it passes its own ``universal_threshold``)."""
+    against the other targets', and its count of successful pair optimisations against the family's rate;
+    the target's score is the largest of the three (the count only where every pair was scanned; the
+    universal one only with at least ``universal_test_classes`` classes, and scaled so that it passes
+    ``target_threshold`` where it passes its own ``universal_threshold``)."""
     out: dict[str, TargetEvidence] = {}
     for name, scan in scans.items():
         _, score = pair_scores(scan.result.size, scan.pairs, num_classes, _statistic(scan, cfg))
@@ -64,11 +68,13 @@ def score_targets(scans: dict[str, PairScan], universal: dict[str, TargetScan], 
         size = uni.result.size if uni is not None else torch.full((num_classes,), float("nan"))
         asr = uni.result.asr if uni is not None else torch.full((num_classes,), float("nan"))
         universal_z = universal_scores(size)
-        combined = column_z
+        found_z = found_scores(scan.result.size, scan.pairs, num_classes) if scan.complete \
+            else torch.zeros(num_classes)
+        combined = torch.maximum(column_z, found_z)
         if num_classes >= cfg.universal_test_classes:  # on the column's scale: above target_threshold iff above its own
-            combined = torch.maximum(column_z, universal_z * (cfg.target_threshold / cfg.universal_threshold))
+            combined = torch.maximum(combined, universal_z * (cfg.target_threshold / cfg.universal_threshold))
         out[name] = TargetEvidence(_rounded(column), _rounded(combined), size.tolist(), asr.tolist(),
-                                   _rounded(column_z), _rounded(universal_z))
+                                   _rounded(column_z), _rounded(universal_z), _rounded(found_z))
         log.info("%s: target scores %s", name, " ".join(f"{v:.1f}" for v in combined.tolist()))
     return out
 

@@ -12,6 +12,7 @@ docs/method.md#4-candidate-targets.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from bna_gateway.mitigation.detection.config import DetectionConfig
@@ -22,7 +23,7 @@ from bna_gateway.mitigation.detection.records import PairRecord, TargetEvidence
 class Candidate:
     """A target to estimate: its family, the sources the joint estimate is fitted on, the source whose
     pair is the smallest (estimated alone for the all-to-all test), and the other families in which
-    it is anomalous too (estimated there as well)."""
+    it is anomalous too (estimated there as well, each with its own smallest pair in ``smallest_in``)."""
 
     target: int
     family: str
@@ -31,6 +32,7 @@ class Candidate:
     score: float
     by_column: bool  # found by its column alone, no pair flagged
     other_families: list[str] = field(default_factory=list)
+    smallest_in: dict[str, int] = field(default_factory=dict)
 
 
 def select_candidates(records: list[PairRecord], evidence: dict[str, TargetEvidence], present: list[int],
@@ -57,8 +59,19 @@ def select_candidates(records: list[PairRecord], evidence: dict[str, TargetEvide
             sources = [c for c in present if c != t]
             smallest = min(column, key=lambda r: r.by_family[fam].size).source if column else None
             score = evidence[fam].score[t]
-        out.append(Candidate(t, fam, sources, smallest, float(score), t not in flagged,
-                             sorted(f for f in anomalous if f != fam)))
+        others = sorted(f for f in anomalous if f != fam)
+        out.append(Candidate(t, fam, sources, smallest, float(score), t not in flagged, others,
+                             _smallest_in(others, [r for r in records if r.target == t and r.source in sources])))
+    return out
+
+
+def _smallest_in(families: list[str], column: list[PairRecord]) -> dict[str, int]:
+    """Each family's source with the smallest found trigger among ``column`` (none where none was found)."""
+    out = {}
+    for f in families:
+        found = [r for r in column if f in r.by_family and math.isfinite(r.by_family[f].size)]
+        if len(column) > 1 and found:
+            out[f] = min(found, key=lambda r: r.by_family[f].size).source
     return out
 
 
