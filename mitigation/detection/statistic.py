@@ -114,7 +114,7 @@ def found_scores(size: torch.Tensor, pairs: list[tuple[int, int]], num_classes: 
     n = torch.bincount(tgt, minlength=num_classes).double()
     x = torch.bincount(tgt, weights=found, minlength=num_classes)
     rate = (x.sum() - x + 0.5) / (n.sum() - n + 1.0)
-    k = torch.arange(int(n.max().item()) + 1 if len(pairs) else 1, dtype=torch.double)
+    k = torch.arange(int(n.max().item()) + 1, dtype=torch.double)  # n has num_classes entries, 0 without pairs
     nn, kk, pp = n[:, None], k[None, :], rate[:, None]
     log_pmf = (torch.lgamma(nn + 1) - torch.lgamma(kk + 1) - torch.lgamma((nn - kk).clamp(min=0) + 1)
                + kk * pp.log() + (nn - kk) * torch.log1p(-pp))

@@ -66,8 +66,9 @@ def estimate_targets(suspect: Suspect, candidates: list[Candidate], cfg: Detecti
         eliminated += dropped
         chosen = replace(c, family=best, other_families=sorted(f for f in _families(c) if f != best))
         trigger = _target_trigger(suspect, chosen, sources, est, cfg)
-        for f in chosen.other_families:  # every other family's estimate, where it was fitted on the same sources
-            if sources != c.sources or tests.get(f, (c.sources,))[0] != c.sources:
+        for f in chosen.other_families:  # every other family's estimate, where it fits the same (all) sources
+            kept_there = tests[f][0] if f in tests else c.sources  # untested: a single source, kept
+            if sources != c.sources or kept_there != c.sources:
                 continue
             tensors, asr = estimates[(c.target, f)].tensors, estimates[(c.target, f)].asr
             if f == PATCH.name:
