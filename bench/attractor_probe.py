@@ -16,7 +16,14 @@ detection kept (true or not), properties of its trigger estimate that a rule cou
   image) (a natural perturbation might draw the target class);
 - ``canvases``: the estimate stamped on content-free images (constant 0, .25, .5, .75, 1; the clean
   set's mean and median image): ``F`` where f already gives the target, ``T`` where the stamped canvas
-  goes to the target (a backdoor's trigger might carry the target on its own).
+  goes to the target (a backdoor's trigger might carry the target on its own);
+- ``conc``: how concentrated the shift the trigger makes in the BN layers' channels is (ABS's
+  compromised neurons: a backdoor acts through a few trigger detectors, a natural perturbation shifts
+  many channels a little): per layer, each channel's mean shift over the sources in units of its clean
+  standard deviation, and the share of the squared shifts that the top 5% of channels carry; the
+  largest share over layers. ``conc z``: the same for the target's universal perturbation (stage 1,
+  from every other class) against the other classes' universal perturbations, as a robust z (median,
+  MAD x 1.4826): a natural attractor's should look like any other class's.
 
     PYTHONPATH=bench/panel python bench/attractor_probe.py --tag _r15
 
@@ -37,13 +44,18 @@ sys.path.insert(0, str(ROOT / "bench" / "panel"))  # the panel's own architectur
 
 from bna_gateway.mitigation.bna.config import BNAConfig  # noqa: E402
 from bna_gateway.mitigation.bna.fit import clean_reference, layer_histograms, per_layer  # noqa: E402
+from bna_gateway.mitigation.bna.stats import capture_bn_outputs  # noqa: E402
+from bna_gateway.mitigation.detection import DetectionConfig  # noqa: E402
 from bna_gateway.mitigation.detection.io import read_detection  # noqa: E402
 from bna_gateway.mitigation.detection.records import TargetTrigger  # noqa: E402
+from bna_gateway.mitigation.detection.stages.targets import scan_targets  # noqa: E402
+from bna_gateway.mitigation.detection.suspect import Suspect  # noqa: E402
 from bna_gateway.mitigation.modeldir import ModelSource, load_clean_set, load_model  # noqa: E402
+from bna_gateway.mitigation.triggers import PERTURBATION, Trigger  # noqa: E402
 
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 COLUMNS = ("model", "target", "true", "family", "success", "margin trig / clean", "feat", "bn max / mean", "proto",
-           "canvases 0 .25 .5 .75 1 mean median")
+           "canvases 0 .25 .5 .75 1 mean median", "conc", "conc z")
 
 
 def margins(logits: torch.Tensor, target: int) -> torch.Tensor:
@@ -63,6 +75,49 @@ def penultimate(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     finally:
         handle.remove()
     return logits, seen[0]
+
+
+@torch.no_grad()
+def channel_means(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every BN layer's per-channel output over ``x``, averaged over positions: {layer: [C, N]}."""
+    out: dict[str, torch.Tensor] = {}
+
+    def sink(name: str, a: torch.Tensor) -> None:
+        out[name] = (a.flatten(2).mean(2) if a.dim() > 2 else a).T
+
+    with capture_bn_outputs(model, sink):
+        model(x)
+    return out
+
+
+def concentration(clean: dict[str, torch.Tensor], stamped: dict[str, torch.Tensor]) -> float:
+    """The largest share, over layers, of the squared standardised channel shifts the top 5% carry."""
+    best = 0.0
+    for name, a in clean.items():
+        z = ((stamped[name].mean(1) - a.mean(1)) / (a.std(1) + 1e-6)) ** 2
+        top = z.sort(descending=True).values[: max(1, len(z) // 20)]
+        best = max(best, float(top.sum() / z.sum().clamp(min=1e-12)))
+    return best
+
+
+def concentration_z(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float]:
+    """Each class's universal perturbation's concentration, as a robust z against the other classes'."""
+    cfg = DetectionConfig(trigger_type=PERTURBATION.name, progress=False)
+    scan = scan_targets(Suspect(model, x, y, num_classes), cfg)[0][PERTURBATION.name]
+    values = []
+    for i, t in enumerate(scan.targets):
+        xs = x[y != t]
+        with torch.no_grad():
+            values.append(concentration(channel_means(model, xs),
+                                        channel_means(model, Trigger(PERTURBATION, scan.result.one(i))(xs))))
+    v = torch.tensor(values)
+    out = []
+    for i in range(len(values)):
+        rest = torch.cat([v[:i], v[i + 1:]])
+        med = rest.median()
+        mad = (rest - med).abs().median() * 1.4826
+        out.append(float((v[i] - med) / mad.clamp(min=1e-6)))
+    return out
 
 
 @torch.no_grad()
@@ -94,6 +149,7 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trig: TargetTrigge
         "proto": f"{nn.functional.cosine_similarity(change, proto, 0):.2f}",
         "canvases 0 .25 .5 .75 1 mean median": " ".join(("F" if a else ".") + ("T" if b else ".")
                                                          for a, b in zip(f_hit, t_hit)),
+        "conc": f"{concentration(channel_means(model, xs), channel_means(model, xt)):.2f}",
     }
 
 
@@ -117,10 +173,12 @@ def main() -> int:
         attack = loaded.attack
         poisoned = attack is not None and attack.kind != "none"
         all_to_all = poisoned and attack.mode != "a2o"
+        model = loaded.classifier.eval()
+        conc_z = concentration_z(model, clean.x, clean.y, loaded.spec.num_classes)
         for t, trig in sorted(detection.triggers.items()):
             true = "a2a" if all_to_all else ("yes" if poisoned and attack.target == t else "no")
             row = {"model": name, "target": str(t), "true": true, "family": trig.family,
-                   **probe(loaded.classifier.eval(), clean.x, clean.y, trig)}
+                   **probe(model, clean.x, clean.y, trig), "conc z": f"{conc_z[t]:+.1f}"}
             rows.append(row)
             print(" | ".join(row[c] for c in COLUMNS), flush=True)
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

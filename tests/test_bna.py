@@ -335,6 +335,8 @@ def test_a_large_candidate_set_is_thinned_evenly_to_one_pass() -> None:
     assert int(per_class.max() - per_class.min()) <= 1  # every class in proportion
     with pytest.raises(ValueError, match="max_fit_images"):
         BNAConfig(max_fit_images=0)
+    with pytest.raises(ValueError, match="refine_fit_images"):
+        BNAConfig(refine_fit_images=0)
 
 
 def test_targets_that_share_one_stamp_share_one_fit_then_refine_each_with_its_own_flag() -> None:
@@ -369,6 +371,32 @@ def test_targets_that_share_one_stamp_share_one_fit_then_refine_each_with_its_ow
         t = fit.stats.target
         again = calibrate_flag(m.classifier, replace(fit.stats, flag_threshold=0.0), x[y == t], fit.stats.flag_rule, 1.0)
         assert again.flag_threshold == pytest.approx(fit.stats.flag_threshold)
+
+
+def test_each_targets_refinement_runs_on_its_own_smaller_budget_of_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared fit holds up to ``max_fit_images`` candidate images, each target's refinement (which starts
+    from the shared statistics) up to ``refine_fit_images``: the all-to-all twin phase's cost is mostly the
+    K refinements."""
+    from bna_gateway.mitigation.bna import fit as fit_module
+
+    m = tm.backdoored()
+    x, y = tm.defender_set(m)
+    other = (tm.TARGET + 1) % tm.NUM_CLASSES
+    sizes: list[tuple[str, int]] = []
+    real_fit = fit_module._fit
+
+    def spy(model, ref_x, cand_x, cfg, start, steps, desc):  # type: ignore[no-untyped-def]
+        sizes.append((desc, len(cand_x)))
+        return real_fit(model, ref_x, cand_x, cfg, start, steps, desc)
+
+    monkeypatch.setattr(fit_module, "_fit", spy)
+    cfg = BNAConfig(progress=False, steps=2, refine_steps=2, max_fit_images=60, refine_fit_images=25)
+    with tm.one_thread():
+        fit_module.fit_shared_twin(m.classifier, [tm.TARGET, other], x, y, {tm.TARGET: [0, 1], other: [2]},
+                                   m.trigger, cfg)
+    assert [d for d, _ in sizes] == [f"BNA targets {tm.TARGET},{other} (shared)", f"BNA target {tm.TARGET}",
+                                     f"BNA target {other}"]
+    assert sizes[0][1] == 60 and sizes[1][1] == 25 and sizes[2][1] == 25
 
 
 def test_shared_stamps_group_targets_by_connected_components() -> None:

@@ -26,6 +26,7 @@ class BNAConfig:
     share_fits: bool = True
     refine_steps: int = 10  # then each target's own fit (its sources first), from the shared statistics
     refine_lr: float = 0.02  # ... with this Adam step and no warm-up (a full step first moves away from the start)
+    refine_fit_images: int | None = 256  # ... on at most this many candidate images (thinned as max_fit_images)
     flag_rule: str = "logit_drop"  # serving rule's score (models.twins.flag_score; docs/method.md#serving-rule)
     flag_quantile: float = 1.0  # its threshold: this quantile of the score on clean target images f sends to t
     progress: bool = True
@@ -35,8 +36,10 @@ class BNAConfig:
             raise ValueError(f"unknown divergence {self.divergence!r}: use tv, js or kl")
         if self.steps < 0 or self.warmup < 0 or self.refine_steps < 0 or not self.lr > 0 or not self.refine_lr > 0:
             raise ValueError("BNA steps, refine steps and warm-up must be 0 or more, and both learning rates above 0")
-        if self.max_fit_images is not None and self.max_fit_images < 1:
-            raise ValueError(f"max_fit_images must be at least 1 (or None for all), got {self.max_fit_images}")
+        for name in ("max_fit_images", "refine_fit_images"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None for all), got {value}")
         check_flag_rule(self.flag_rule)
         if not 0.0 <= self.flag_quantile <= 1.0:
             raise ValueError(f"flag quantile must lie in [0, 1], got {self.flag_quantile}")

@@ -202,8 +202,8 @@ def fit_shared_twin(model: nn.Module, targets: list[int], x: torch.Tensor, y: to
         union_aux = sorted({c for t in targets for c in aux_of[t]})
         shared = _fit(model, *fit_sets(x, y, targets, union, union_aux, triggers, cfg)[:2], cfg, None, cfg.steps,
                       f"BNA targets {','.join(map(str, targets))} (shared)")
-        refine = replace(cfg, lr=cfg.refine_lr, warmup=0)
-        own = {t: _fit(model, *fit_sets(x, y, t, sources[t], aux_of[t], triggers, cfg)[:2], refine, shared.final,
+        refine = replace(cfg, lr=cfg.refine_lr, warmup=0, max_fit_images=cfg.refine_fit_images)
+        own = {t: _fit(model, *fit_sets(x, y, t, sources[t], aux_of[t], triggers, refine)[:2], refine, shared.final,
                        cfg.refine_steps, f"BNA target {t}") for t in targets}
     fits = []
     for t in targets:
