@@ -102,7 +102,7 @@ def concentration(clean: dict[str, torch.Tensor], stamped: dict[str, torch.Tenso
 
 def concentration_z(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float]:
     """Each class's universal perturbation's concentration, as a robust z against the other classes'."""
-    cfg = DetectionConfig(trigger_type=PERTURBATION.name, progress=False)
+    cfg = DetectionConfig(trigger_type=PERTURBATION.name).with_seed(0, progress=False)
     scan = scan_targets(Suspect(model, x, y, num_classes), cfg)[0][PERTURBATION.name]
     values = []
     for i, t in enumerate(scan.targets):
