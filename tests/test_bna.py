@@ -5,6 +5,7 @@ trigger, so these tests judge the BNA step alone, independently of how well dete
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import replace
 
 import pytest
@@ -408,3 +409,34 @@ def test_shared_stamps_group_targets_by_connected_components() -> None:
     triggers = {0: trig(0, [1]), 1: trig(1, []), 2: trig(2, []), 3: trig(3, [2, 9]), 4: trig(4, []), 5: trig(5, [3])}
     assert shared_groups(triggers) == [[0, 1], [2, 3, 5], [4]]  # either direction joins; an absent 9 is ignored
     assert shared_groups({}) == []
+
+
+def test_a_model_without_batchnorm_is_refused_with_the_reason_and_before_detection(monkeypatch: pytest.MonkeyPatch,
+                                                                                   tmp_path) -> None:
+    """A twin differs from f only in BN running statistics: a network without them (plain, GroupNorm, or BN
+    without running statistics) cannot get one. The fit says so instead of failing on an empty layer set,
+    and ``bna mitigate`` says so before spending minutes on detection."""
+    from bna_gateway.mitigation.bna.stats import NoBatchNormError, require_twin_layers
+    job = importlib.import_module("bna_gateway.mitigation.jobs.mitigate")  # the module, not the function
+    from bna_gateway.mitigation.modeldir import LoadedModel, ModelSource
+    from bna_gateway.models.network import Classifier
+    from bna_gateway.models.spec import InputSpec, ModelSpec
+
+    spec = InputSpec(shape=(1, 8, 8), mean=(0.0,), std=(1.0,))
+    plain = Classifier(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)), spec)
+    grouped = Classifier(nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4),
+                                       nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.Linear(144, 3)),
+                         spec)
+    x, y = torch.rand(12, 1, 8, 8), torch.arange(12) % 3
+    with pytest.raises(NoBatchNormError, match="no BatchNorm layer with running statistics.*'bna detect' works"):
+        fit_twin(plain, 0, x, y, [1, 2], Identity(), BNAConfig(progress=False, steps=1))
+    with pytest.raises(NoBatchNormError, match=r"normalises with GroupNorm, BatchNorm2d without running statistics\)"):
+        require_twin_layers(grouped)
+    assert require_twin_layers(tm.backdoored().classifier)  # a BN network passes
+
+    model_spec = ModelSpec(arch="plain", input=spec, class_names=["a", "b", "c"])
+    monkeypatch.setattr(job, "load_model", lambda source: LoadedModel(model_spec, plain))
+    monkeypatch.setattr(job, "load_clean_set", lambda *a: pytest.fail("the clean set was loaded"))
+    monkeypatch.setattr(job, "run_detection", lambda *a, **k: pytest.fail("detection ran"))
+    with pytest.raises(NoBatchNormError):
+        job.mitigate(job.MitigateOptions(source=ModelSource(model_dir=tmp_path), out=tmp_path / "bundle"))

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from bna_gateway.mitigation.bna.config import BNAConfig, TwinFit
 from bna_gateway.mitigation.bna.histogram import BinSpec, divergence, hard_histogram, soft_histogram
-from bna_gateway.mitigation.bna.stats import Stats, capture_bn_outputs, channel_view, reestimate_bn, twin_layers
+from bna_gateway.mitigation.bna.stats import (Stats, capture_bn_outputs, channel_view, reestimate_bn,
+                                              require_twin_layers, twin_layers)
 from bna_gateway.models.twins import TwinRouter, TwinStats, flag_score
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ def fit_shared_twin(model: nn.Module, targets: list[int], x: torch.Tensor, y: to
     images. With one target this is ``fit_twin``.
     ``aux``: the aux classes of every target (a dict), or one list for all."""
     cfg = cfg or BNAConfig()
+    require_twin_layers(model)
     start = time.perf_counter()
     model.eval()
     for p in model.parameters():

@@ -36,9 +36,32 @@ def normalise(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, bn: nn.Mod
     return out
 
 
+OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+
+
+class NoBatchNormError(ValueError):
+    """The model has no BatchNorm layer with running statistics, the only thing a twin changes."""
+
+
 def twin_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     """The BN layers a twin re-fits, named relative to the model's network (``models.network.backbone``)."""
     return bn_layers(backbone(model)[0])
+
+
+def require_twin_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """``twin_layers``, or ``NoBatchNormError`` saying why a twin cannot be built (and what still works)."""
+    layers = twin_layers(model)
+    if layers:
+        return layers
+    net = backbone(model)[0]
+    others = sorted({type(m).__name__ for m in net.modules() if isinstance(m, OTHER_NORMS)})
+    plain = sorted({type(m).__name__ for m in net.modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats})
+    found = (f" (it normalises with {', '.join(others + [f'{n} without running statistics' for n in plain])})"
+             if others or plain else "")
+    raise NoBatchNormError(
+        f"{type(net).__name__} has no BatchNorm layer with running statistics{found}: a BNA twin differs from "
+        "the model only in those statistics, so no twin can be built for it. 'bna detect' works on any model.")
 
 
 @contextmanager

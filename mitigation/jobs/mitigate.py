@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bna_gateway.mitigation.bna import BNAConfig, TwinFit, fit_shared_twin
+from bna_gateway.mitigation.bna.stats import require_twin_layers
 from bna_gateway.mitigation.detection import DetectionConfig, DetectionResult, TargetTrigger
 from bna_gateway.mitigation.detection.io import read_detection, write_detection
 from bna_gateway.mitigation.detection.sharding import Sharding
@@ -54,6 +55,7 @@ class MitigateOutcome:
 def mitigate(opts: MitigateOptions) -> MitigateOutcome:
     opts.run.seed_everything()
     model = load_model(opts.source)
+    require_twin_layers(model.classifier)  # before detection: its minutes would be spent for nothing
     clean = load_clean_set(model, opts.source, opts.run.seed)
     out = Path(opts.out)
     written = None
