@@ -137,8 +137,10 @@ def test_mitigate_bna_lr_flag_reaches_the_config(capsys: pytest.CaptureFixture) 
     assert bna_config(args).lr == BNAConfig().lr and bna_config(args).warmup == BNAConfig().warmup
     args = build_parser().parse_args(["mitigate", "--bna-warmup", "0", "--out", "b", "--quiet"])
     assert bna_config(args).warmup == 0
+    args = build_parser().parse_args(["mitigate", "--refine-images", "512", "--out", "b", "--quiet"])
+    assert bna_config(args).refine_fit_images == 512 and BNAConfig().refine_fit_images == 256
     for flag, bad in (("--bna-lr", "0"), ("--bna-lr", "-0.1"), ("--bna-lr", "fast"), ("--bna-warmup", "-1"),
-                      ("--bna-warmup", "2.5")):
+                      ("--bna-warmup", "2.5"), ("--refine-images", "0")):
         with pytest.raises(SystemExit) as exc:
             build_parser().parse_args(["mitigate", flag, bad, "--out", "b", "--quiet"])
         assert exc.value.code == 2

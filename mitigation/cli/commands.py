@@ -76,7 +76,8 @@ def sharding(args: argparse.Namespace) -> Sharding:
 
 
 def bna_config(args: argparse.Namespace) -> BNAConfig:
-    given = {"steps": args.bna_steps, "lr": args.bna_lr, "warmup": args.bna_warmup, "refine_steps": args.refine_steps}
+    given = {"steps": args.bna_steps, "lr": args.bna_lr, "warmup": args.bna_warmup, "refine_steps": args.refine_steps,
+             "refine_fit_images": args.refine_images}
     return BNAConfig(divergence=args.divergence, progress=not args.quiet, share_fits=not args.separate_twins,
                      **{k: v for k, v in given.items() if v is not None})
 

@@ -94,6 +94,9 @@ def _add_bna(p: argparse.ArgumentParser) -> None:
                    help="BNA steps of linear learning-rate warm-up (default 10; 0: none)")
     p.add_argument("--refine-steps", type=NON_NEGATIVE_INT, default=None,
                    help="targets sharing one stamp: each target's own steps after the shared fit (default 10)")
+    p.add_argument("--refine-images", type=POSITIVE_INT, default=None,
+                   help="... on at most this many trigger-embedded and clean images (default 256; the shared fit "
+                        "holds 512)")
     p.add_argument("--separate-twins", action="store_true",
                    help="fit every target's twin on its own, also targets that share one stamp (all-to-all: "
                         "K fits instead of one)")
