@@ -92,6 +92,9 @@ PANEL = [
     Case("vgg_clean", "vgg16_bn", seed=34, width=16),
     Case("cnn5_clean", CNN5, seed=35),
     Case("lenet_clean", LENET, seed=36),
+    # more seeds of the two small plain CNNs: how often a clean network has a natural universal perturbation
+    *(Case(f"cnn5_clean_s{s}", CNN5, seed=s) for s in range(135, 140)),
+    *(Case(f"lenet_clean_s{s}", LENET, seed=s) for s in range(136, 139)),
 ]
 
 
@@ -172,6 +175,13 @@ def evidence(case: Case, det: dict) -> str:
     levels = det.get("targets", {})
     if case.poisoned and case.mode == "a2o" and levels:
         text += "; target level " + ", ".join(f"{f} {v['score'][case.target]:.1f}" for f, v in levels.items())
+    false = sorted(set(det["detected_targets"]) - {t for _, t in truth}) if case.mode == "a2o" else []
+    for t in false:  # a false target: what made it one
+        flagged = [p for p in det["pairs"] if p["target"] == t and p["flagged"]]
+        trig = det["triggers"][str(t)]
+        text += (f"{'; ' if text else ''}false target {t}: {trig['family']}, {len(flagged)} flagged pair(s), "
+                 f"{len(trig['sources'])} sources, target level "
+                 + ", ".join(f"{f} {v['score'][t]:.1f}" for f, v in levels.items()))
     return text
 
 
