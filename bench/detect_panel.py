@@ -84,6 +84,13 @@ PANEL = [
     # all-to-all
     Case("resnet_badnet3_a2a", "resnet18", "badnet", {"patch_size": 3}, 0, mode="a2a", seed=20),
     Case("cnn5_badnet4_a2a", CNN5, "badnet", {"patch_size": 4}, 0, mode="a2a", seed=21),
+    # fainter triggers on the small plain CNNs (whose clean seeds have natural universal perturbations)
+    Case("cnn5_blend10_t4", CNN5, "blend", {"alpha": 0.1}, 4, seed=40),
+    Case("cnn5_badnet2_t7", CNN5, "badnet", {"patch_size": 2}, 7, seed=41),
+    Case("cnn5_sig_t1", CNN5, "sig", {}, 1, seed=42),
+    Case("cnn5_blendimg10_t5", CNN5, "blend", {"alpha": 0.1, "pattern": IMAGE_PATTERN}, 5, seed=43),
+    Case("lenet_blend10_t9", LENET, "blend", {"alpha": 0.1}, 9, seed=44),
+    Case("cnn5_wanet_t6", CNN5, "wanet", {}, 6, seed=45),
     # clean models
     Case("resnet_clean_s0", "resnet18", seed=30),
     Case("resnet_clean_s1", "resnet18", seed=31),
