@@ -91,6 +91,11 @@ PANEL = [
     Case("cnn5_blendimg10_t5", CNN5, "blend", {"alpha": 0.1, "pattern": IMAGE_PATTERN}, 5, seed=43),
     Case("lenet_blend10_t9", LENET, "blend", {"alpha": 0.1}, 9, seed=44),
     Case("cnn5_wanet_t6", CNN5, "wanet", {}, 6, seed=45),
+    Case("cnn5_blend05_t3", CNN5, "blend", {"alpha": 0.05}, 3, seed=46),
+    Case("cnn5_blendimg08_t7", CNN5, "blend", {"alpha": 0.08, "pattern": IMAGE_PATTERN}, 7, seed=47),
+    Case("cnn5_badnet2solid_t0", CNN5, "badnet", {"patch_size": 2, "pattern": "solid"}, 0, seed=48),
+    Case("cnn5_sig_t8", CNN5, "sig", {}, 8, seed=49),
+    Case("cnn5_blend10_t9", CNN5, "blend", {"alpha": 0.1}, 9, seed=50),
     # clean models
     Case("resnet_clean_s0", "resnet18", seed=30),
     Case("resnet_clean_s1", "resnet18", seed=31),
@@ -100,7 +105,7 @@ PANEL = [
     Case("cnn5_clean", CNN5, seed=35),
     Case("lenet_clean", LENET, seed=36),
     # more seeds of the two small plain CNNs: how often a clean network has a natural universal perturbation
-    *(Case(f"cnn5_clean_s{s}", CNN5, seed=s) for s in range(135, 140)),
+    *(Case(f"cnn5_clean_s{s}", CNN5, seed=s) for s in range(135, 145)),
     *(Case(f"lenet_clean_s{s}", LENET, seed=s) for s in range(136, 139)),
 ]
 
