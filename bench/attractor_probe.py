@@ -49,6 +49,7 @@ from bna_gateway.mitigation.detection import DetectionConfig  # noqa: E402
 from bna_gateway.mitigation.detection.io import read_detection  # noqa: E402
 from bna_gateway.mitigation.detection.records import TargetTrigger  # noqa: E402
 from bna_gateway.mitigation.detection.stages.targets import scan_targets  # noqa: E402
+from bna_gateway.mitigation.detection.statistic import MAD_CONSISTENCY  # noqa: E402
 from bna_gateway.mitigation.detection.suspect import Suspect  # noqa: E402
 from bna_gateway.mitigation.modeldir import ModelSource, load_clean_set, load_model  # noqa: E402
 from bna_gateway.mitigation.triggers import PERTURBATION, Trigger  # noqa: E402
@@ -115,7 +116,7 @@ def concentration_z(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     for i in range(len(values)):
         rest = torch.cat([v[:i], v[i + 1:]])
         med = rest.median()
-        mad = (rest - med).abs().median() * 1.4826
+        mad = (rest - med).abs().median() * MAD_CONSISTENCY
         out.append(float((v[i] - med) / mad.clamp(min=1e-6)))
     return out
 
