@@ -24,6 +24,7 @@ def _number(kind: type, test: Callable[[Any], bool], what: str) -> Callable[[str
 
 POSITIVE_FLOAT = _number(float, lambda v: v > 0, "greater than 0")
 FRACTION = _number(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+SHARE = _number(float, lambda v: 0 <= v < 1, "at least 0 and under 1")
 NON_NEGATIVE_INT = _number(int, lambda v: v >= 0, "0 or more")
 POSITIVE_INT = _number(int, lambda v: v > 0, "1 or more")
 
@@ -67,6 +68,12 @@ def _add_detection(p: argparse.ArgumentParser, steps_flag: str) -> None:
                         "(its sources and the classes it sends elsewhere): a backdoor's trigger moves most, a "
                         f"natural pair's one or two; 0 = off, for source-specific attacks (default "
                         f"{DetectionConfig().min_reach:g})")
+    p.add_argument("--memory-share", type=SHARE, default=DetectionConfig().memory_min_share,
+                   help="keep a target whose evidence is under "
+                        f"{DetectionConfig().memory_exempt_score:g} only when the BatchNorm running statistics "
+                        "remember its trigger in at least this share of the training images (a trained backdoor, "
+                        "not a natural universal perturbation); 0 = off, for a model whose BN statistics were "
+                        f"re-estimated on clean data (default {DetectionConfig().memory_min_share:g})")
     p.add_argument("--statistic", choices=STATISTICS, default="auto",
                    help="pair statistic: plain = 1/size (the paper), source = the source's median size / size "
                         "(an easy source is not flagged towards every class); auto = source from 5 classes up")

@@ -124,6 +124,13 @@ class DetectionConfig:
     # (its sources, and the classes it sends elsewhere); a backdoor's trigger overrides most images, a natural
     # pair's moves one or two look-alike classes (0: off; needs expand_sources, which measures it)
     min_reach: float = 0.5
+    # memory test: a target whose trigger evidence is under ``memory_exempt_score`` is kept only when the BN
+    # running statistics remember its trigger: the least-squares share of triggered images in the training
+    # batches is at least ``memory_min_share`` (0: off). Backdoors poisoned at 10% gave 0.05-0.17 on the
+    # panel; natural universal perturbations on clean models |share| <= 0.02. Natural ones reached score
+    # 10.5 there; above the exemption score the evidence stands on its own (memory can be erased)
+    memory_min_share: float = 0.035
+    memory_exempt_score: float = 15.0
     # a target whose trigger also moves other classes elsewhere (an all-to-all backdoor) has its trigger
     # re-fitted on that whole domain, each class towards where the trigger sends it
     domain_refit: bool = True
@@ -144,6 +151,8 @@ class DetectionConfig:
                              f"{self.universal_threshold}")
         if not 0.0 <= self.min_reach <= 1.0:
             raise ValueError(f"min_reach is a fraction of the classes, between 0 and 1, not {self.min_reach}")
+        if not 0.0 <= self.memory_min_share < 1.0:
+            raise ValueError(f"memory_min_share is a share of the training images, in [0, 1), not {self.memory_min_share}")
         if self.screen_batch < 1 or self.screen_images < 1 or self.target_step_images < 1:
             raise ValueError(f"screen_batch, screen_images and target_step_images must be at least 1, not "
                              f"{self.screen_batch}, {self.screen_images} and {self.target_step_images}")

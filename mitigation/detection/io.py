@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bna_gateway.mitigation.detection.records import (AddedSource, DetectionResult, DomainRefit, Elimination,
-                                                      NarrowTrigger, PairRecord, TargetEvidence, TargetTrigger,
-                                                      Transfer)
+                                                      MemoryCheck, NarrowTrigger, PairRecord, TargetEvidence,
+                                                      TargetTrigger, Transfer)
 
 DETECTION_JSON = "detection.json"
 TRIGGERS_FILE = "triggers.safetensors"
@@ -74,6 +74,7 @@ def read_detection(path: Path) -> DetectionResult:
         target_evidence={f: TargetEvidence.from_dict(e) for f, e in doc.get("targets", {}).items()},
         target_threshold=doc.get("target_threshold"),
         narrow=[NarrowTrigger.from_dict(n) for n in doc.get("narrow_triggers", [])],
+        memory=[MemoryCheck.from_dict(m) for m in doc.get("memory_checks", [])],
     )
 
 

@@ -17,6 +17,9 @@
    Needs a good (joint, solid) estimate, so after stage 5. ``require_reach``: a target whose trigger
    moves only a few classes (sources and classes sent elsewhere) is a natural pair, dropped. Needs where
    each trigger sends every class, which stage 6 measures; before the re-fits, which it spares.
+   ``require_memory``: a target with inconclusive evidence is kept only when the BatchNorm running
+   statistics remember its trigger (a trained backdoor, not a natural universal perturbation). Needs
+   the final candidates' estimates and their evidence; before the re-fits, which it spares.
 7. ``refit_on_domain``: triggers that move other classes are re-fitted on their whole domain. Needs the
    fit classes that stage 6 finds.
 8. ``share_patches``: patch targets whose stamps fire each other's sources get their union. Last,
@@ -33,11 +36,13 @@ import torch
 from torch import nn
 
 from bna_gateway.mitigation.detection.config import DetectionConfig
-from bna_gateway.mitigation.detection.records import DetectionResult, Elimination, NarrowTrigger, PairRecord
+from bna_gateway.mitigation.detection.records import (DetectionResult, Elimination, NarrowTrigger, PairRecord,
+                                                      TargetTrigger)
 from bna_gateway.mitigation.detection.reverse import reverse_engineer
 from bna_gateway.mitigation.detection.stages.domain import refit_on_domain
 from bna_gateway.mitigation.detection.stages.estimate import estimate_targets
 from bna_gateway.mitigation.detection.stages.expand import expand_sources
+from bna_gateway.mitigation.detection.stages.memory import require_memory
 from bna_gateway.mitigation.detection.stages.reach import require_reach
 from bna_gateway.mitigation.detection.stages.scan import choose_pairs, scan_pairs
 from bna_gateway.mitigation.detection.stages.score import score_pairs, score_targets
@@ -75,17 +80,21 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     triggers, eliminated = estimate_targets(suspect, candidates, cfg)
     triggers, added = expand_sources(suspect, triggers, cfg)
     triggers, narrow = require_reach(triggers, suspect.present, cfg)
+    before = dict(triggers)
+    triggers, memory = require_memory(suspect, triggers, evidence, cfg)
     triggers, refitted = refit_on_domain(suspect, triggers, cfg)
     triggers = share_patches(suspect, triggers, cfg)
     timings["reestimate"] = time.perf_counter() - t
-    return DetectionResult(_unflag(records, eliminated, narrow), cfg.threshold, cfg.trigger_type, triggers,
+    forgotten = [before[m.target] for m in memory if not m.kept]
+    return DetectionResult(_unflag(records, eliminated, narrow, forgotten), cfg.threshold, cfg.trigger_type, triggers,
                            time.perf_counter() - start, timings, eliminated, added,
                            resolve_statistic(cfg.statistic, num_classes), transferred, refitted,
-                           evidence, cfg.target_threshold, narrow)
+                           evidence, cfg.target_threshold, narrow, memory)
 
 
-def _unflag(records: list[PairRecord], eliminated: list[Elimination], narrow: list[NarrowTrigger]
-            ) -> list[PairRecord]:
-    """The pair records with the pairs the all-to-all and reach tests dropped no longer flagged."""
+def _unflag(records: list[PairRecord], eliminated: list[Elimination], narrow: list[NarrowTrigger],
+            forgotten: list[TargetTrigger]) -> list[PairRecord]:
+    """The pair records with the pairs the all-to-all, reach and memory tests dropped no longer flagged."""
     dropped = {(e.source, e.target) for e in eliminated} | {(s, n.target) for n in narrow for s in n.sources}
+    dropped |= {(s, tr.target) for tr in forgotten for s in tr.sources}
     return [replace(r, flagged=False) if (r.source, r.target) in dropped else r for r in records]

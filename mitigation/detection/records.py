@@ -214,6 +214,27 @@ class NarrowTrigger:
 
 
 @dataclass(frozen=True)
+class MemoryCheck:
+    """A target the memory test examined: the share of its trigger that the BN running statistics remember
+    (``memory.memory_share``), the trigger evidence it was weighed against, and whether it was kept."""
+
+    target: int
+    family: str
+    share: float
+    level: float
+    kept: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "family": self.family, "share": round(self.share, 4),
+                "level": round(self.level, 3), "kept": self.kept}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MemoryCheck":
+        return cls(int(d["target"]), d.get("family", ""), float(d["share"]), float(d.get("level", 0.0)),
+                   bool(d["kept"]))
+
+
+@dataclass(frozen=True)
 class DomainRefit:
     """A target's trigger re-fitted on its whole domain (sources + fit classes), kept or not."""
 
@@ -252,6 +273,7 @@ class DetectionResult:
     target_evidence: dict[str, TargetEvidence] = field(default_factory=dict)
     target_threshold: float | None = None
     narrow: list[NarrowTrigger] = field(default_factory=list)
+    memory: list[MemoryCheck] = field(default_factory=list)
 
     @property
     def detected_targets(self) -> list[int]:
@@ -272,6 +294,7 @@ class DetectionResult:
             "eliminated_pairs": [e.as_dict() for e in self.eliminated],
             "added_sources": [a.as_dict() for a in self.added_sources],
             "narrow_triggers": [n.as_dict() for n in self.narrow],
+            "memory_checks": [m.as_dict() for m in self.memory],
             "transferred": [m.as_dict() for m in self.transferred],
             "refitted_on_domain": [r.as_dict() for r in self.refitted],
             "target_threshold": self.target_threshold,

@@ -26,6 +26,10 @@ def scores_table(result: DetectionResult, unflagged: int = 3) -> str:
     for n in result.narrow:
         lines.append(f"target {n.target} (sources {n.sources}) dropped: its {n.family} trigger moves only classes "
                      f"{n.reach}, under the {n.needed} a backdoor's trigger moves (a natural pair)")
+    for m in result.memory:
+        verdict = "kept" if m.kept else "dropped (a natural universal perturbation: no backdoor was trained on it)"
+        lines.append(f"target {m.target}: the BatchNorm statistics remember its {m.family} trigger in a share of "
+                     f"{m.share:.3f} of the training images (evidence {m.level:.1f}): {verdict}")
     for t, tr in sorted(result.triggers.items()):
         fams = [f for f in tr.alternatives if f != "shared"]
         if fams:
