@@ -47,6 +47,7 @@ class Case:
     mode: str = "a2o"
     seed: int = 0
     width: int | None = None
+    poison_rate: float | None = None  # None: bna train's default (0.1)
 
     @property
     def poisoned(self) -> bool:
@@ -96,6 +97,13 @@ PANEL = [
     Case("cnn5_badnet2solid_t0", CNN5, "badnet", {"patch_size": 2, "pattern": "solid"}, 0, seed=48),
     Case("cnn5_sig_t8", CNN5, "sig", {}, 8, seed=49),
     Case("cnn5_blend10_t9", CNN5, "blend", {"alpha": 0.1}, 9, seed=50),
+    # low poisoning rates (3-5% of the training images): the BN statistics remember less of the trigger, the
+    # memory test's hard case (docs/method.md#6c-memory-test)
+    Case("cnn5_badnet3_p03_t2", CNN5, "badnet", {"patch_size": 3}, 2, seed=51, poison_rate=0.03),
+    Case("cnn5_blend10_p03_t6", CNN5, "blend", {"alpha": 0.1}, 6, seed=52, poison_rate=0.03),
+    Case("cnn5_sig_p05_t3", CNN5, "sig", {}, 3, seed=53, poison_rate=0.05),
+    Case("lenet_blend10_p03_t1", LENET, "blend", {"alpha": 0.1}, 1, seed=54, poison_rate=0.03),
+    Case("resnet_blend10_p03_t8", "resnet18", "blend", {"alpha": 0.1}, 8, seed=55, poison_rate=0.03),
     # clean models
     Case("resnet_clean_s0", "resnet18", seed=30),
     Case("resnet_clean_s1", "resnet18", seed=31),
@@ -133,6 +141,8 @@ def train(case: Case, out: Path) -> Path:
            str(case.target), "--mode", case.mode, "--seed", str(case.seed), "--out", str(model), "--quiet"]
     if case.width:
         cmd += ["--width", str(case.width)]
+    if case.poison_rate is not None:
+        cmd += ["--poison-rate", str(case.poison_rate)]
     for key, value in case.params.items():
         value = str(image_pattern(out)) if value == IMAGE_PATTERN else value
         cmd += ["--attack-param", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
@@ -194,6 +204,10 @@ def evidence(case: Case, det: dict) -> str:
         text += (f"{'; ' if text else ''}false target {t}: {trig['family']}, {len(flagged)} flagged pair(s), "
                  f"{len(trig['sources'])} sources, target level "
                  + ", ".join(f"{f} {v['score'][t]:.1f}" for f, v in levels.items()))
+    for m in det.get("memory_checks", []):  # targets the memory test dropped (docs/method.md#6c-memory-test)
+        if not m["kept"]:
+            text += (f"{'; ' if text else ''}memory test dropped {m['target']} ({m['family']}, evidence "
+                     f"{m['level']:.1f}, share {m['share']:+.3f})")
     return text
 
 
@@ -228,7 +242,9 @@ def main() -> int:
             subprocess.run([BNA, "detect", "--model", str(model), "--out", str(det_dir), "--quiet", *args.detect_arg],
                            check=True, env=env(), stdout=subprocess.DEVNULL)
         det = json.loads((det_dir / "detection.json").read_text())
+        dropped = [m["target"] for m in det.get("memory_checks", []) if not m["kept"]]
         row = {**asdict(case), "f_acc": metrics["acc"], "f_asr": metrics["asr"], **judge(case, det),
+               "memory_dropped": dropped,
                "detected_targets": det["detected_targets"], "sources": det["sources"],
                "detect_seconds": round(det["seconds"], 1), "evidence": evidence(case, det)}
         rows.append(row)
@@ -248,6 +264,8 @@ def write_results(rows: list[dict], tag: str) -> str:
         "poisoned": len(poisoned), "detected": sum(r["detected"] for r in poisoned),
         "clean": len(clean), "clean_with_a_target": sum(not r["detected"] for r in clean),
         "false_targets_on_poisoned": sum(len(r["false_targets"]) for r in poisoned),
+        "memory_dropped_clean": sum(len(r.get("memory_dropped", [])) for r in clean),
+        "memory_dropped_poisoned": sum(len(r.get("memory_dropped", [])) for r in poisoned),
         "mean_detect_seconds": round(sum(r["detect_seconds"] for r in rows) / len(rows), 1),
         "max_detect_seconds": max(r["detect_seconds"] for r in rows),
         "commit": commit(),
@@ -259,6 +277,7 @@ def write_results(rows: list[dict], tag: str) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         attack = r["attack"] + ("" if not r["params"] else " " + ",".join(f"{k}={v}" for k, v in r["params"].items()))
+        attack += f" poison={r['poison_rate']:g}" if r.get("poison_rate") is not None else ""
         asr = "-" if r["f_asr"] is None else f"{r['f_asr']:.3f}"
         target = "-" if r["attack"] == "none" else ("a2a" if r["mode"] == "a2a" else str(r["target"]))
         lines.append(f"| {r['name']} | {r['arch'].split(':')[-1]} | {attack} | {target} | {r['f_acc']:.3f} / {asr} | "
@@ -268,7 +287,10 @@ def write_results(rows: list[dict], tag: str) -> str:
     lines += ["", f"Poisoned models detected: {summary['detected']} / {summary['poisoned']}; clean models given a "
               f"target: {summary['clean_with_a_target']} / {summary['clean']}; false targets on poisoned models: "
               f"{summary['false_targets_on_poisoned']}; detect seconds mean {summary['mean_detect_seconds']}, "
-              f"max {summary['max_detect_seconds']}."]
+              f"max {summary['max_detect_seconds']}. Targets the memory test dropped: "
+              f"{summary['memory_dropped_clean']} on clean models, {summary['memory_dropped_poisoned']} on poisoned "
+              f"ones (" + (", ".join(f"{r['name']} {r['memory_dropped']}" for r in rows if r.get("memory_dropped"))
+                           or "none") + ")."]
     others = [r for r in rows if r.get("found_other") is not None]
     if others:
         top = max(others, key=lambda r: r["found_other"])

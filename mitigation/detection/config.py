@@ -126,9 +126,9 @@ class DetectionConfig:
     min_reach: float = 0.5
     # memory test: a target whose trigger evidence is under ``memory_exempt_score`` is kept only when the BN
     # running statistics remember its trigger: the least-squares share of triggered images in the training
-    # batches is at least ``memory_min_share`` (0: off). Backdoors poisoned at 10% gave 0.05-0.17 on the
-    # panel; natural universal perturbations on clean models |share| <= 0.02. Natural ones reached score
-    # 10.5 there; above the exemption score the evidence stands on its own (memory can be erased)
+    # batches is at least ``memory_min_share`` (0: off). Backdoors poisoned at 10% gave +0.050 to +0.174 on
+    # the panel, natural universal perturbations of clean models -0.013 to +0.020 (bench/memory_share.py),
+    # with evidence up to 10.5; above the exemption score the evidence stands alone (memory can be erased)
     memory_min_share: float = 0.035
     memory_exempt_score: float = 15.0
     # a target whose trigger also moves other classes elsewhere (an all-to-all backdoor) has its trigger

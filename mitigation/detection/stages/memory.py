@@ -9,10 +9,10 @@ is a least-squares fit over every BN channel (each in units of its running stand
 
 where ``clean_mean`` is a channel's mean input on the defender's clean set and ``trigger_mean`` its
 mean on the same images (all but the target's) with the trigger stamped. For a backdoor it estimates
-the share of triggered images in the training batches (on the panel's models, poisoned at 10%: 0.05
-to 0.17). A *natural* universal perturbation (a class that every digit can be nudged into, with no
-poison involved) was never in the training data: its share is noise around 0 (|share| <= 0.02 on
-the panel's 20 clean models).
+the share of triggered images in the training batches (the detection panel's all-to-one targets,
+poisoned at 10%: +0.050 to +0.174). A *natural* universal perturbation (a class that every digit can
+be nudged into, with no poison involved) was never in the training data: its share is noise around 0
+(the seven on the panel's clean plain CNNs: -0.013 to +0.020; bench/results/memory_share_r15.md).
 
 The test acts only where the trigger evidence alone is not conclusive: a target whose score (the
 larger of its candidate score and its families' target-level scores) is under ``memory_exempt_score``
