@@ -47,6 +47,7 @@ from bna_gateway.mitigation.bna.fit import clean_reference, layer_histograms, pe
 from bna_gateway.mitigation.bna.stats import capture_bn_outputs  # noqa: E402
 from bna_gateway.mitigation.detection import DetectionConfig  # noqa: E402
 from bna_gateway.mitigation.detection.io import read_detection  # noqa: E402
+from tables import markdown_table, write_result  # noqa: E402  (bench/, the script's folder)
 from bna_gateway.mitigation.detection.records import TargetTrigger  # noqa: E402
 from bna_gateway.mitigation.detection.stages.targets import scan_targets  # noqa: E402
 from bna_gateway.mitigation.detection.statistic import MAD_CONSISTENCY  # noqa: E402
@@ -182,12 +183,8 @@ def main() -> int:
                    **probe(model, clean.x, clean.y, trig), "conc z": f"{conc_z[t]:+.1f}"}
             rows.append(row)
             print(" | ".join(row[c] for c in COLUMNS), flush=True)
-    table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    table += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
-    out = ROOT / "bench" / "results" / f"attractor_probe{args.tag}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(table) + "\n")
-    print(f"written {out}")
+    table = markdown_table(COLUMNS, rows)
+    write_result(f"attractor_probe{args.tag}.md", table)
     return 0
 
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "bench" / "panel"))  # the panel's own architectur
 
 from bna_gateway.mitigation.detection import DetectionConfig  # noqa: E402
 from bna_gateway.mitigation.detection.io import read_detection  # noqa: E402
+from tables import markdown_table, write_result  # noqa: E402  (bench/, the script's folder)
 from bna_gateway.mitigation.detection.stages.memory import ChannelMeans, memory_share, target_level  # noqa: E402
 from bna_gateway.mitigation.modeldir import ModelSource, load_clean_set, load_model  # noqa: E402
 from bna_gateway.models.network import bn_layers  # noqa: E402
@@ -78,18 +79,14 @@ def main() -> int:
                    "share": f"{share:+.3f}", "test": verdict}
             rows.append(row)
             print(" | ".join(row[c] for c in COLUMNS), flush=True)
-    table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    table += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
+    table = markdown_table(COLUMNS, rows)
     true = [float(r["share"]) for r in rows if r["true"] == "yes"]
     false = [float(r["share"]) for r in rows if r["true"] == "no"]
     if true and false:
         table += ["", f"All-to-one true targets: share {min(true):+.3f} to {max(true):+.3f} ({len(true)}); "
                       f"targets that are no backdoor's: {min(false):+.3f} to {max(false):+.3f} ({len(false)}); "
                       f"threshold {cfg.memory_min_share:g}, exempt from evidence {cfg.memory_exempt_score:g}."]
-    out = ROOT / "bench" / "results" / f"memory_share{args.tag}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(table) + "\n")
-    print(f"written {out}")
+    write_result(f"memory_share{args.tag}.md", table)
     return 0
 
 
