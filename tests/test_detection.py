@@ -557,11 +557,19 @@ def test_optimisation_is_deterministic_and_chunking_covers_every_group(tiny: tm.
     assert torch.isfinite(a.size).any()
 
 
-def test_bna_detect_files_read_back(tiny: tm.TinyModel, tmp_path: Path) -> None:
-    x, y = tiny.data.clean.x, tiny.data.clean.y
-    cfg = DetectionConfig(trigger_type="both", threshold=1.5, pair=FAST, reestimate_steps=40)
+TINY_DETECTION = DetectionConfig(trigger_type="both", threshold=1.5, pair=FAST, reestimate_steps=40)
+
+
+@pytest.fixture(scope="module")
+def tiny_detection(tiny: tm.TinyModel) -> DetectionResult:
+    """The backdoored tiny model's detection, with a low threshold that flags something."""
     with tm.one_thread():
-        res = detect_backdoor(tiny.classifier, x, y, tm.NUM_CLASSES, cfg)
+        return detect_backdoor(tiny.classifier, tiny.data.clean.x, tiny.data.clean.y, tm.NUM_CLASSES, TINY_DETECTION)
+
+
+def test_bna_detect_files_read_back(tiny: tm.TinyModel, tiny_detection: DetectionResult, tmp_path: Path) -> None:
+    x = tiny.data.clean.x
+    res = tiny_detection
     path = write_detection(res, tmp_path)
     doc = json.loads(path.read_text())
     k = tm.NUM_CLASSES
@@ -759,3 +767,19 @@ def test_the_universal_test_counts_from_its_own_threshold_and_only_with_many_cla
     assert flagged(replace(cfg, universal_test_classes=k + 1)) == []  # too few classes: columns alone
     evidence = score_targets(scans, universal, k, cfg)["patch"]
     assert evidence.universal_score[natural] == pytest.approx(float(z[natural]), abs=1e-3)  # reported unscaled
+
+
+def test_targets_the_memory_test_drops_leave_no_flagged_pair(tiny: tm.TinyModel, tiny_detection: DetectionResult
+                                                              ) -> None:
+    """With a share no training set reaches and no evidence exempt, the memory test (stage 6c) drops every
+    target: none is left, each is recorded as not kept, and the pairs that made it are unflagged."""
+    x, y = tiny.data.clean.x, tiny.data.clean.y
+    kept = tiny_detection
+    with tm.one_thread():
+        dropped = detect_backdoor(tiny.classifier, x, y, tm.NUM_CLASSES,
+                                  replace(TINY_DETECTION, memory_min_share=0.99, memory_exempt_score=1e9))
+    assert kept.detected_targets and not dropped.detected_targets
+    assert set(kept.detected_targets) <= {m.target for m in dropped.memory}
+    assert not any(m.kept for m in dropped.memory)
+    assert not any(p.flagged for p in dropped.pairs if (p.source, p.target) in
+                   {(s, t) for t, ss in kept.sources.items() for s in ss})
