@@ -13,7 +13,7 @@ from torch import nn
 from bna_gateway.mitigation.detection import DetectionConfig, TargetTrigger
 from bna_gateway.mitigation.detection.io import read_detection, write_detection
 from bna_gateway.mitigation.detection.records import DetectionResult, TargetEvidence
-from bna_gateway.mitigation.detection.stages.memory import ChannelMeans, memory_share, require_memory
+from bna_gateway.mitigation.detection.stages.memory import ChannelMeans, memory_share, require_memory, spread
 from bna_gateway.mitigation.detection.suspect import Suspect
 from bna_gateway.mitigation.detection.table import scores_table
 from bna_gateway.models.network import bn_layers
@@ -121,3 +121,21 @@ def test_the_share_must_be_a_share() -> None:
 
     with pytest.raises(ValueError, match="memory_min_share"):
         DetectionConfig(memory_min_share=1.5)
+    with pytest.raises(ValueError, match="memory_images"):
+        DetectionConfig(memory_images=0)
+
+
+def test_large_clean_sets_are_thinned_evenly() -> None:
+    index = torch.arange(100, 300)
+    assert torch.equal(spread(index, 500), index)  # short enough: all of it, in order
+    thin = spread(index, 20)
+    assert len(thin) == 20 and thin[0] == 100 and thin[-1] == 299 and bool((thin.diff() > 0).all())
+    y = torch.arange(200) // 20  # a clean set ordered by class: every class keeps its share
+    assert torch.bincount(y[spread(torch.arange(200), 50)], minlength=10).tolist() == [5] * 10
+    # a capped test still reads a planted share
+    x, yy = images()
+    model = network()
+    weak = trigger(1, 6.0)
+    plant(model, x, yy, weak, 0.1)
+    _, checks = require_memory(Suspect(model, x, yy, K), {1: weak}, evidence(1, 6.0), DetectionConfig(memory_images=40))
+    assert abs(checks[0].share - 0.1) < 0.03

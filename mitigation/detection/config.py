@@ -131,6 +131,9 @@ class DetectionConfig:
     # with evidence up to 10.5; above the exemption score the evidence stands alone (memory can be erased)
     memory_min_share: float = 0.035
     memory_exempt_score: float = 15.0
+    # each of its means is taken over at most this many clean images, evenly spread over the set (a many-class
+    # clean set, or many examined targets, would otherwise cost a pass over the whole set per target)
+    memory_images: int = 1024
     # a target whose trigger also moves other classes elsewhere (an all-to-all backdoor) has its trigger
     # re-fitted on that whole domain, each class towards where the trigger sends it
     domain_refit: bool = True
@@ -153,6 +156,8 @@ class DetectionConfig:
             raise ValueError(f"min_reach is a fraction of the classes, between 0 and 1, not {self.min_reach}")
         if not 0.0 <= self.memory_min_share < 1.0:
             raise ValueError(f"memory_min_share is a share of the training images, in [0, 1), not {self.memory_min_share}")
+        if self.memory_images < 1:
+            raise ValueError(f"memory_images must be at least 1, not {self.memory_images}")
         if self.screen_batch < 1 or self.screen_images < 1 or self.target_step_images < 1:
             raise ValueError(f"screen_batch, screen_images and target_step_images must be at least 1, not "
                              f"{self.screen_batch}, {self.screen_images} and {self.target_step_images}")

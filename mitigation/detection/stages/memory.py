@@ -19,7 +19,8 @@ larger of its candidate score and its families' target-level scores) is under ``
 is kept only when its share is at least ``memory_min_share``. Evidence above that is never overruled,
 because the memory can be erased: a network fine-tuned on clean data, or whose BN statistics were
 re-estimated on clean data, or trained with frozen BN layers, forgets the poison; so does a backdoor
-planted in very few training images. A model without BatchNorm running statistics gets no test.
+planted in very few training images. A model without BatchNorm running statistics gets no test. Each
+mean is taken over at most ``memory_images`` clean images, evenly spread over the set.
 ``--memory-share 0`` turns it off. docs/method.md#6c-memory-test.
 """
 from __future__ import annotations
@@ -80,6 +81,14 @@ def memory_share(layers: list[nn.modules.batchnorm._BatchNorm], clean: list[torc
     return float(num / den) if float(den) > 0 else 0.0
 
 
+def spread(index: torch.Tensor, most: int) -> torch.Tensor:
+    """At most ``most`` of ``index``, evenly spaced (all of it when it is no longer): the clean set is ordered by
+    class, so every class keeps its share, and the cost of a pass stops growing with the clean set."""
+    if len(index) <= most:
+        return index
+    return index[torch.linspace(0, len(index) - 1, most).round().long()]
+
+
 def target_level(target: int, trigger: TargetTrigger, evidence: dict[str, TargetEvidence]) -> float:
     """How strong a target's trigger evidence is on its own: its candidate score, or its largest
     target-level score in any family, whichever is larger."""
@@ -101,12 +110,12 @@ def require_memory(suspect: Suspect, triggers: dict[int, TargetTrigger], evidenc
         log.info("memory test skipped: the network has no BatchNorm running statistics")
         return triggers, []
     means = ChannelMeans(layers)
-    clean = means(suspect.model, suspect.x)
+    clean = means(suspect.model, suspect.x[spread(torch.arange(len(suspect.y)), cfg.memory_images)])
     kept = dict(triggers)
     checks: list[MemoryCheck] = []
     for t, level in sorted(weak.items()):
         tr = triggers[t]
-        others = suspect.x[suspect.y != t]
+        others = suspect.x[spread((suspect.y != t).nonzero(as_tuple=True)[0].cpu(), cfg.memory_images)]
         with torch.no_grad():
             stamped = means(suspect.model, tr.module()(others))
         share = memory_share(layers, clean, stamped)
