@@ -47,13 +47,13 @@ from bna_gateway.mitigation.bna.fit import clean_reference, layer_histograms, pe
 from bna_gateway.mitigation.bna.stats import capture_bn_outputs  # noqa: E402
 from bna_gateway.mitigation.detection import DetectionConfig  # noqa: E402
 from bna_gateway.mitigation.detection.io import read_detection  # noqa: E402
-from tables import markdown_table, write_result  # noqa: E402  (bench/, the script's folder)
 from bna_gateway.mitigation.detection.records import TargetTrigger  # noqa: E402
 from bna_gateway.mitigation.detection.stages.targets import scan_targets  # noqa: E402
 from bna_gateway.mitigation.detection.statistic import MAD_CONSISTENCY  # noqa: E402
 from bna_gateway.mitigation.detection.suspect import Suspect  # noqa: E402
 from bna_gateway.mitigation.modeldir import ModelSource, load_clean_set, load_model  # noqa: E402
 from bna_gateway.mitigation.triggers import PERTURBATION, Trigger  # noqa: E402
+from tables import markdown_table, write_result  # noqa: E402  (bench/, the script's folder)
 
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 COLUMNS = ("model", "target", "true", "family", "success", "margin trig / clean", "feat", "bn max / mean", "proto",

@@ -21,17 +21,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench" / "panel"))  # the panel's own architectures (module:factory)
 
 from bna_gateway.mitigation.detection import DetectionConfig  # noqa: E402
 from bna_gateway.mitigation.detection.io import read_detection  # noqa: E402
-from tables import markdown_table, write_result  # noqa: E402  (bench/, the script's folder)
-from bna_gateway.mitigation.detection.stages.memory import ChannelMeans, memory_share, target_level  # noqa: E402
+from bna_gateway.mitigation.detection.stages.memory import target_level, trigger_shares  # noqa: E402
+from bna_gateway.mitigation.detection.suspect import Suspect  # noqa: E402
 from bna_gateway.mitigation.modeldir import ModelSource, load_clean_set, load_model  # noqa: E402
-from bna_gateway.models.network import bn_layers  # noqa: E402
+from tables import markdown_table, write_result  # noqa: E402  (bench/, the script's folder)
 
 COLUMNS = ("model", "target", "true", "family", "evidence", "share", "test")
 
@@ -60,18 +58,16 @@ def main() -> int:
         source = ModelSource(model_dir=model_dir)
         loaded = load_model(source)
         clean = load_clean_set(loaded, source, 0)
-        model = loaded.classifier.eval()
-        layers = list(bn_layers(model).values())
-        means = ChannelMeans(layers)
-        with torch.no_grad():
-            base = means(model, clean.x)
+        suspect = Suspect(loaded.classifier.eval(), clean.x, clean.y, loaded.spec.num_classes)
+        shares = trigger_shares(suspect, detection.triggers, cfg)
+        if shares is None:
+            print(f"{name}: no BatchNorm running statistics, no memory test")
+            continue
         attack = loaded.attack
         poisoned = attack is not None and attack.kind != "none"
         for t, trig in sorted(detection.triggers.items()):
             true = ("a2a" if attack.mode != "a2o" else "yes" if attack.target == t else "no") if poisoned else "no"
-            with torch.no_grad():
-                stamped = means(model, trig.module()(clean.x[clean.y != t]))
-            share = memory_share(layers, base, stamped)
+            share = shares[t]
             level = target_level(t, trig, detection.target_evidence)
             examined = level < cfg.memory_exempt_score
             verdict = ("kept" if share >= cfg.memory_min_share else "dropped") if examined else "exempt"

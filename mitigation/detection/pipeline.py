@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from bna_gateway.mitigation.detection.config import DetectionConfig
-from bna_gateway.mitigation.detection.records import (DetectionResult, Elimination, NarrowTrigger, PairRecord,
-                                                      TargetTrigger)
+from bna_gateway.mitigation.detection.records import (DetectionResult, Elimination, MemoryCheck, NarrowTrigger,
+                                                      PairRecord)
 from bna_gateway.mitigation.detection.reverse import reverse_engineer
 from bna_gateway.mitigation.detection.stages.domain import refit_on_domain
 from bna_gateway.mitigation.detection.stages.estimate import estimate_targets
@@ -80,21 +80,19 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     triggers, eliminated = estimate_targets(suspect, candidates, cfg)
     triggers, added = expand_sources(suspect, triggers, cfg)
     triggers, narrow = require_reach(triggers, suspect.present, cfg)
-    before = dict(triggers)
     triggers, memory = require_memory(suspect, triggers, evidence, cfg)
     triggers, refitted = refit_on_domain(suspect, triggers, cfg)
     triggers = share_patches(suspect, triggers, cfg)
     timings["reestimate"] = time.perf_counter() - t
-    forgotten = [before[m.target] for m in memory if not m.kept]
-    return DetectionResult(_unflag(records, eliminated, narrow, forgotten), cfg.threshold, cfg.trigger_type, triggers,
+    return DetectionResult(_unflag(records, eliminated, narrow, memory), cfg.threshold, cfg.trigger_type, triggers,
                            time.perf_counter() - start, timings, eliminated, added,
                            resolve_statistic(cfg.statistic, num_classes), transferred, refitted,
                            evidence, cfg.target_threshold, narrow, memory)
 
 
 def _unflag(records: list[PairRecord], eliminated: list[Elimination], narrow: list[NarrowTrigger],
-            forgotten: list[TargetTrigger]) -> list[PairRecord]:
+            memory: list[MemoryCheck]) -> list[PairRecord]:
     """The pair records with the pairs the all-to-all, reach and memory tests dropped no longer flagged."""
     dropped = {(e.source, e.target) for e in eliminated} | {(s, n.target) for n in narrow for s in n.sources}
-    dropped |= {(s, tr.target) for tr in forgotten for s in tr.sources}
+    dropped |= {(s, m.target) for m in memory if not m.kept for s in m.sources}
     return [replace(r, flagged=False) if (r.source, r.target) in dropped else r for r in records]

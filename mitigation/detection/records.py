@@ -216,22 +216,24 @@ class NarrowTrigger:
 @dataclass(frozen=True)
 class MemoryCheck:
     """A target the memory test examined: the share of its trigger that the BN running statistics remember
-    (``memory.memory_share``), the trigger evidence it was weighed against, and whether it was kept."""
+    (``memory.memory_share``), the trigger evidence it was weighed against, whether it was kept, and its
+    sources (whose pairs are unflagged when it is not)."""
 
     target: int
     family: str
     share: float
     level: float
     kept: bool
+    sources: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"target": self.target, "family": self.family, "share": round(self.share, 4),
-                "level": round(self.level, 3), "kept": self.kept}
+                "level": round(self.level, 3), "kept": self.kept, "sources": self.sources}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MemoryCheck":
         return cls(int(d["target"]), d.get("family", ""), float(d["share"]), float(d.get("level", 0.0)),
-                   bool(d["kept"]))
+                   bool(d["kept"]), [int(s) for s in d.get("sources", [])])
 
 
 @dataclass(frozen=True)

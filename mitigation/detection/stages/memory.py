@@ -96,34 +96,43 @@ def target_level(target: int, trigger: TargetTrigger, evidence: dict[str, Target
     return max([trigger.score, *levels])
 
 
+def trigger_shares(suspect: Suspect, triggers: dict[int, TargetTrigger], cfg: DetectionConfig
+                   ) -> dict[int, float] | None:
+    """Each trigger's ``memory_share``: the clean means once, then one pass per trigger over the other classes'
+    images (each over at most ``memory_images``). None when the network has no BatchNorm running statistics."""
+    layers = list(bn_layers(suspect.model).values())
+    if not layers:
+        return None
+    means = ChannelMeans(layers)
+    clean = means(suspect.model, suspect.x[spread(torch.arange(len(suspect.y)), cfg.memory_images)])
+    out: dict[int, float] = {}
+    for t, tr in sorted(triggers.items()):
+        others = suspect.x[spread((suspect.y != t).nonzero(as_tuple=True)[0].cpu(), cfg.memory_images)]
+        with torch.no_grad():
+            stamped = means(suspect.model, tr.module()(others))
+        out[t] = memory_share(layers, clean, stamped)
+    return out
+
+
 def require_memory(suspect: Suspect, triggers: dict[int, TargetTrigger], evidence: dict[str, TargetEvidence],
                    cfg: DetectionConfig) -> tuple[dict[int, TargetTrigger], list[MemoryCheck]]:
     """The targets kept by the memory test, and a record of every target it examined (kept or not)."""
     if cfg.memory_min_share <= 0 or not triggers:
         return triggers, []
-    layers = list(bn_layers(suspect.model).values())
-    weak = {t: target_level(t, tr, evidence) for t, tr in triggers.items()}
-    weak = {t: level for t, level in weak.items() if level < cfg.memory_exempt_score}
+    levels = {t: target_level(t, tr, evidence) for t, tr in triggers.items()}
+    weak = {t: tr for t, tr in triggers.items() if levels[t] < cfg.memory_exempt_score}
     if not weak:
         return triggers, []
-    if not layers:
+    shares = trigger_shares(suspect, weak, cfg)
+    if shares is None:
         log.info("memory test skipped: the network has no BatchNorm running statistics")
         return triggers, []
-    means = ChannelMeans(layers)
-    clean = means(suspect.model, suspect.x[spread(torch.arange(len(suspect.y)), cfg.memory_images)])
-    kept = dict(triggers)
-    checks: list[MemoryCheck] = []
-    for t, level in sorted(weak.items()):
-        tr = triggers[t]
-        others = suspect.x[spread((suspect.y != t).nonzero(as_tuple=True)[0].cpu(), cfg.memory_images)]
-        with torch.no_grad():
-            stamped = means(suspect.model, tr.module()(others))
-        share = memory_share(layers, clean, stamped)
-        remembered = share >= cfg.memory_min_share
-        checks.append(MemoryCheck(t, tr.family, share, level, remembered))
-        if not remembered:
-            del kept[t]
+    checks = [MemoryCheck(t, tr.family, shares[t], levels[t], shares[t] >= cfg.memory_min_share, list(tr.sources))
+              for t, tr in sorted(weak.items())]
+    for m in checks:
+        if not m.kept:
             log.info("target %d: its %s trigger (score %.1f) left no trace in the BatchNorm statistics (share %.3f, "
-                     "needs %.3f): a natural universal perturbation, not a trained backdoor", t, tr.family, level,
-                     share, cfg.memory_min_share)
-    return kept, checks
+                     "needs %.3f): a natural universal perturbation, not a trained backdoor", m.target, m.family,
+                     m.level, m.share, cfg.memory_min_share)
+    forgotten = {m.target for m in checks if not m.kept}
+    return {t: tr for t, tr in triggers.items() if t not in forgotten}, checks
