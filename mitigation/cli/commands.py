@@ -62,7 +62,7 @@ def model_source(args: argparse.Namespace) -> ModelSource:
 def detection_config(args: argparse.Namespace) -> DetectionConfig:
     cfg = DetectionConfig(trigger_type=args.trigger_type, threshold=args.threshold, statistic=args.statistic,
                           target_threshold=args.target_threshold, min_reach=args.min_reach,
-                          memory_min_share=args.memory_share
+                          memory_min_share=args.memory_share, precision=args.precision
                           ).with_seed(args.seed, not args.quiet)
     if args.detect_steps:
         cfg = cfg.with_pair_steps(args.detect_steps)

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 from bna_gateway.mitigation.detection.config import (DEFAULT_TARGET_THRESHOLD, DEFAULT_THRESHOLD, STATISTICS,
                                                     TRIGGER_TYPES, DetectionConfig, ReverseConfig)
+from bna_gateway.mitigation.detection.precision import PRECISIONS
 
 
 def _number(kind: type, test: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
@@ -74,6 +75,11 @@ def _add_detection(p: argparse.ArgumentParser, steps_flag: str) -> None:
                         "remember its trigger in at least this share of the training images (a trained backdoor, "
                         "not a natural universal perturbation); 0 = off, for a model whose BN statistics were "
                         f"re-estimated on clean data (default {DetectionConfig().memory_min_share:g})")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="number format of the model's passes during detection: bfloat16 about halves their time "
+                        "where the hardware multiplies it natively (CPUs with AVX512-BF16 or AMX, CUDA from "
+                        "Ampere); auto = bfloat16 there, float32 elsewhere (default auto; detection.json records "
+                        "the one used)")
     p.add_argument("--statistic", choices=STATISTICS, default="auto",
                    help="pair statistic: plain = 1/size (the paper), source = the source's median size / size "
                         "(an easy source is not flagged towards every class); auto = source from 5 classes up")

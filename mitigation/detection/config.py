@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import torch
+
+from bna_gateway.mitigation.detection.precision import PRECISIONS, resolve_precision
 from bna_gateway.mitigation.triggers import FAMILIES, PATCH, PERTURBATION, TriggerFamily
 
 DEFAULT_THRESHOLD = 7.0  # MAD anomaly threshold (with the 1.4826 consistency constant), the paper's
@@ -54,6 +57,14 @@ class ReverseConfig:
     # (relative) for ``stop_patience`` steps leaves the batch (0: every group runs every step)
     stop_patience: int = 0
     stop_tolerance: float = 0.01
+    # the number format of the model's passes: float32, or bfloat16 under autocast (precision.py; a
+    # DetectionConfig's "auto" is resolved to one of these for the device before any pass runs)
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError(f"an optimiser's precision is float32 or bfloat16, not {self.precision!r} "
+                             "(DetectionConfig.for_device resolves 'auto')")
 
     def lr(self, family: TriggerFamily) -> float:
         return float(getattr(self, f"lr_{family.name}"))
@@ -144,6 +155,9 @@ class DetectionConfig:
     # the trigger of (c, t') when smaller (None: off); up to ``transfer_rounds`` rounds
     transfer_success: float | None = 0.5
     transfer_rounds: int = 3
+    # the model's passes in float32 or bfloat16; auto = bfloat16 where the device multiplies it natively
+    # (about half the time on such a CPU: docs/method.md#precision), else float32
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         families_for(self.trigger_type)  # refuses an unknown type with the accepted ones
@@ -158,6 +172,8 @@ class DetectionConfig:
             raise ValueError(f"memory_min_share is a share of the training images, in [0, 1), not {self.memory_min_share}")
         if self.memory_images < 1:
             raise ValueError(f"memory_images must be at least 1, not {self.memory_images}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.screen_batch < 1 or self.screen_images < 1 or self.target_step_images < 1:
             raise ValueError(f"screen_batch, screen_images and target_step_images must be at least 1, not "
                              f"{self.screen_batch}, {self.screen_images} and {self.target_step_images}")
@@ -184,6 +200,12 @@ class DetectionConfig:
         """The same settings with every optimiser seeded by ``seed`` (and progress bars on or off)."""
         return replace(self, pair=replace(self.pair, seed=seed, progress=progress),
                        target=replace(self.target, seed=seed, progress=progress))
+
+    def for_device(self, device: torch.device | str) -> "DetectionConfig":
+        """The same settings with ``precision`` resolved for ``device`` and given to every optimiser."""
+        precision = resolve_precision(self.precision, device)
+        return replace(self, precision=precision, pair=replace(self.pair, precision=precision),
+                       target=replace(self.target, precision=precision))
 
     def reestimate(self) -> ReverseConfig:
         """The optimiser's settings for per-target re-estimates: longer, more images, calibrated."""

@@ -75,6 +75,7 @@ def read_detection(path: Path) -> DetectionResult:
         target_threshold=doc.get("target_threshold"),
         narrow=[NarrowTrigger.from_dict(n) for n in doc.get("narrow_triggers", [])],
         memory=[MemoryCheck.from_dict(m) for m in doc.get("memory_checks", [])],
+        precision=doc.get("precision", "float32"),
     )
 
 

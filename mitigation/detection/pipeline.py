@@ -60,7 +60,7 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
                     cfg: DetectionConfig | None = None, optimiser: Optimiser = reverse_engineer) -> DetectionResult:
     """Detect a backdoor in ``model`` from the defender's clean set ``(x, y)`` (images in [0, 1], on the
     model's device). ``optimiser`` is the batched trigger optimiser every stage runs."""
-    cfg = cfg or DetectionConfig()
+    cfg = (cfg or DetectionConfig()).for_device(x.device)
     suspect = Suspect(model, x, y, num_classes, optimiser)
     start = time.perf_counter()
     universal, timings = scan_targets(suspect, cfg)
@@ -87,7 +87,7 @@ def detect_backdoor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     return DetectionResult(_unflag(records, eliminated, narrow, memory), cfg.threshold, cfg.trigger_type, triggers,
                            time.perf_counter() - start, timings, eliminated, added,
                            resolve_statistic(cfg.statistic, num_classes), transferred, refitted,
-                           evidence, cfg.target_threshold, narrow, memory)
+                           evidence, cfg.target_threshold, narrow, memory, cfg.precision)
 
 
 def _unflag(records: list[PairRecord], eliminated: list[Elimination], narrow: list[NarrowTrigger],

@@ -276,6 +276,7 @@ class DetectionResult:
     target_threshold: float | None = None
     narrow: list[NarrowTrigger] = field(default_factory=list)
     memory: list[MemoryCheck] = field(default_factory=list)
+    precision: str = "float32"  # the format of the model's passes (precision.py)
 
     @property
     def detected_targets(self) -> list[int]:
@@ -302,6 +303,7 @@ class DetectionResult:
             "target_threshold": self.target_threshold,
             "targets": {f: e.as_dict() for f, e in self.target_evidence.items()},
             "statistic": self.statistic,
+            "precision": self.precision,
             "seconds": round(self.seconds, 2),
             "timings": {k: round(v, 2) for k, v in self.timings.items()},
         }

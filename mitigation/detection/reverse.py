@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bna_gateway.mitigation.detection.config import ReverseConfig
+from bna_gateway.mitigation.detection.precision import autocast
 from bna_gateway.mitigation.triggers import CandidateTriggers, Tensors, TriggerFamily
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,8 @@ def _optimise_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pools: P
         pos = (torch.arange(b, device=device) + step * b).unsqueeze(0) % length[rows].unsqueeze(1)  # [A, B]
         idx = index[rows.unsqueeze(1), order[rows.unsqueeze(1), pos]]
         tgt = image_targets(targets.to(device)[rows], idx, y).flatten()
-        logits = model(cand.embed(x[idx], rows).flatten(0, 1))
+        with autocast(cfg.precision, device):
+            logits = model(cand.embed(x[idx], rows).flatten(0, 1)).float()
         ce = F.cross_entropy(logits, tgt, reduction="none").view(-1, b).mean(1)
         loss = (ce + lam.value[rows] * cand.normalised_size(rows)).sum()
         opt.zero_grad(set_to_none=True)
@@ -251,7 +253,8 @@ def prediction_fractions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num
     per_pass = max(1, cfg.max_images_per_pass // max(1, n_trig))
     for start in range(0, x.shape[0], per_pass):
         xt = family.embed(x[start : start + per_pass].unsqueeze(0), tensors)  # [T, B, C, H, W]
-        pred = model(xt.flatten(0, 1)).argmax(1).view(n_trig, -1)
+        with autocast(cfg.precision, device):
+            pred = model(xt.flatten(0, 1)).float().argmax(1).view(n_trig, -1)
         counts += torch.einsum("nc,tnk->tck", onehot_y[start : start + per_pass], F.one_hot(pred, num_classes).float())
     return counts / onehot_y.sum(0).clamp(min=1).view(1, -1, 1)
 
@@ -273,7 +276,8 @@ def success_rate(model: nn.Module, x: torch.Tensor, pools: Pools | torch.Tensor,
     for start in range(0, int(length.max()), cols_per_pass):
         idx = pools.index[:, start : start + cols_per_pass].to(device)
         valid = (torch.arange(start, start + idx.shape[1], device=device).unsqueeze(0) < length.unsqueeze(1))
-        pred = model(family.embed(x[idx], tensors).flatten(0, 1)).argmax(1).view(n_groups, -1)
+        with autocast(cfg.precision, device):
+            pred = model(family.embed(x[idx], tensors).flatten(0, 1)).float().argmax(1).view(n_groups, -1)
         hits += ((pred == image_targets(targets, idx, y)) & valid).float().sum(1)
     return hits / length
 
