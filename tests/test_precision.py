@@ -70,7 +70,7 @@ def test_bfloat16_triggers_are_found_and_work_on_the_model_in_float32(name: str)
         full = reverse_engineer(tiny.classifier, x, y, groups, targets, fam, FAST)
     assert torch.equal(res.size, again.size), "a bfloat16 run is as deterministic as a float32 one"
     assert bool(torch.isfinite(res.size[[0, 2]]).all()), "the planted backdoor's pairs must be reversible"
-    # the same optimisation, the same triggers: every group's kept size within 10% of float32's (measured: 4%)
+    # the same optimisation, the same triggers: every group's kept size within 10% of float32's
     assert torch.equal(torch.isfinite(res.size), torch.isfinite(full.size))
     found = torch.isfinite(full.size)
     assert torch.allclose(res.size[found], full.size[found], rtol=0.1)
