@@ -3,13 +3,14 @@
 Usage:
     python bench/detect_batching.py [--model artifacts/demo/model] [--family patch] [--steps 300]
                                     [--loop-pairs 90] [--device cpu|cuda] [--threads N]
+                                    [--precision float32|bfloat16]
 
 The batched run optimises all K(K-1) ordered pairs together (``reverse_engineer`` with every pair as
 one group, chunked by ``max_images_per_pass``); the loop calls the very same function once per pair.
 Both use the same configuration and the same clean set, so the only difference is batching.
 ``--loop-pairs N`` times the loop on the first N pairs only and extrapolates linearly to all pairs
 (each pair costs the same: same steps, same images), saying so in the output.
-Writes bench/results/detect_batching_<device>.json.
+Writes bench/results/detect_batching_<device>_<precision>.json.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def main() -> int:
     ap.add_argument("--loop-pairs", type=int, default=None, help="time the loop on this many pairs (default: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                    help="number format of the model's passes, both runs (docs/method.md#precision)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
@@ -65,11 +68,12 @@ def main() -> int:
     k = loaded.spec.num_classes
     pairs = all_pairs(k)
     groups, targets = [[s] for s, _ in pairs], [t for _, t in pairs]
-    cfg = ReverseConfig(steps=args.steps, images_per_group=args.images_per_pair, progress=False)
+    cfg = ReverseConfig(steps=args.steps, images_per_group=args.images_per_pair, progress=False,
+                        precision=args.precision)
     n_loop = min(args.loop_pairs or len(pairs), len(pairs))
     print(f"model {model_dir} ({loaded.spec.arch}, {k} classes, input {tuple(loaded.spec.input.shape)}), "
           f"device {device}, torch threads {torch.get_num_threads()}")
-    print(f"{args.family}: {len(pairs)} pairs x {cfg.steps} steps x {cfg.images_per_group} images; "
+    print(f"{args.family}: {len(pairs)} pairs x {cfg.steps} steps x {cfg.images_per_group} images in {cfg.precision}; "
           f"batched passes hold up to {cfg.max_images_per_pass} images")
 
     reverse_engineer(model, x, y, groups[:2], targets[:2], fam, replace(cfg, steps=3))  # warm-up (allocator, kernels)
@@ -102,13 +106,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     doc = {
         "model": str(model_dir), "family": args.family, "pairs": len(pairs), "steps": cfg.steps,
-        "images_per_pair": cfg.images_per_group, "device": str(device),
+        "images_per_pair": cfg.images_per_group, "precision": cfg.precision, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch_threads": torch.get_num_threads(), "batched_s": round(t_batched, 2), "loop_s": round(t_loop, 2),
         "loop_pairs_measured": n_loop, "loop_measured_s": round(t_loop_measured, 2), "speedup": round(ratio, 2),
         "found_batched": found_b, "found_loop": found_l, "command": " ".join(sys.argv),
     }
-    path = out / f"detect_batching_{device.type}.json"
+    path = out / f"detect_batching_{device.type}_{cfg.precision}.json"
     path.write_text(json.dumps(doc, indent=2))
     print(f"wrote {path}")
     return 0
