@@ -37,6 +37,8 @@ def test_unknown_formats_are_refused_with_the_accepted_ones() -> None:
         ReverseConfig(precision="auto")
     with pytest.raises(ValueError, match="resolve 'auto' first"):
         autocast("auto", "cpu")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        autocast("float16", "cpu")
 
 
 def test_the_resolved_format_reaches_every_optimiser() -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from bna_gateway.mitigation.detection.precision import PRECISIONS, resolve_precision
+from bna_gateway.mitigation.detection.precision import FORMATS, PRECISIONS, resolve_precision
 from bna_gateway.mitigation.triggers import FAMILIES, PATCH, PERTURBATION, TriggerFamily
 
 DEFAULT_THRESHOLD = 7.0  # MAD anomaly threshold (with the 1.4826 consistency constant), the paper's
@@ -62,8 +62,8 @@ class ReverseConfig:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.precision not in ("float32", "bfloat16"):
-            raise ValueError(f"an optimiser's precision is float32 or bfloat16, not {self.precision!r} "
+        if self.precision not in FORMATS:
+            raise ValueError(f"an optimiser's precision is {' or '.join(FORMATS)}, not {self.precision!r} "
                              "(DetectionConfig.for_device resolves 'auto')")
 
     def lr(self, family: TriggerFamily) -> float:

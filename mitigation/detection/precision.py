@@ -15,7 +15,8 @@ from typing import ContextManager
 
 import torch
 
-PRECISIONS = ("auto", "float32", "bfloat16")
+FORMATS = ("float32", "bfloat16")  # what a pass runs in
+PRECISIONS = ("auto", *FORMATS)  # what a user may ask for
 _DTYPES = {"bfloat16": torch.bfloat16}
 
 
@@ -52,11 +53,9 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 def autocast(precision: str, device: torch.device | str) -> ContextManager[object]:
     """The context the suspect model's passes run in: autocast to ``precision``'s dtype, or nothing."""
-    if precision == "auto":
-        raise ValueError("resolve 'auto' first (resolve_precision): a pass needs one concrete format")
+    if precision not in FORMATS:
+        raise ValueError(f"a pass runs in {' or '.join(FORMATS)}, not {precision!r} (resolve 'auto' first: "
+                         "resolve_precision)")
     if precision not in _DTYPES:
-        if precision != "float32":
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         return contextlib.nullcontext()
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
+    return torch.autocast(torch.device(device).type, dtype=_DTYPES[precision])
