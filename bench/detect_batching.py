@@ -26,6 +26,7 @@ from dataclasses import replace
 import torch
 
 from bna_gateway.mitigation.detection import ReverseConfig
+from bna_gateway.mitigation.detection.precision import FORMATS
 from bna_gateway.mitigation.detection.reverse import reverse_engineer
 from bna_gateway.mitigation.detection.statistic import all_pairs
 from bna_gateway.mitigation.modeldir import ModelSource, load_clean_set, load_model_dir
@@ -47,7 +48,7 @@ def main() -> int:
     ap.add_argument("--loop-pairs", type=int, default=None, help="time the loop on this many pairs (default: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+    ap.add_argument("--precision", choices=FORMATS, default="float32",
                     help="number format of the model's passes, both runs (docs/method.md#precision)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()

@@ -160,6 +160,12 @@ class BestTriggers:
         return self.tensors
 
 
+def _logits(model: nn.Module, images: torch.Tensor, cfg: ReverseConfig) -> torch.Tensor:
+    """The model's float32 logits on ``images``, its pass run in ``cfg.precision`` (precision.py)."""
+    with autocast(cfg.precision, images.device):
+        return model(images).float()
+
+
 def _draw_orders(pools: Pools, generators: list[torch.Generator]) -> torch.Tensor:
     """[G, L] each group's own random order of its pool (positions < its length), from its generator."""
     width = pools.index.shape[1]
@@ -193,8 +199,7 @@ def _optimise_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pools: P
         pos = (torch.arange(b, device=device) + step * b).unsqueeze(0) % length[rows].unsqueeze(1)  # [A, B]
         idx = index[rows.unsqueeze(1), order[rows.unsqueeze(1), pos]]
         tgt = image_targets(targets.to(device)[rows], idx, y).flatten()
-        with autocast(cfg.precision, device):
-            logits = model(cand.embed(x[idx], rows).flatten(0, 1)).float()
+        logits = _logits(model, cand.embed(x[idx], rows).flatten(0, 1), cfg)
         ce = F.cross_entropy(logits, tgt, reduction="none").view(-1, b).mean(1)
         loss = (ce + lam.value[rows] * cand.normalised_size(rows)).sum()
         opt.zero_grad(set_to_none=True)
@@ -253,8 +258,7 @@ def prediction_fractions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num
     per_pass = max(1, cfg.max_images_per_pass // max(1, n_trig))
     for start in range(0, x.shape[0], per_pass):
         xt = family.embed(x[start : start + per_pass].unsqueeze(0), tensors)  # [T, B, C, H, W]
-        with autocast(cfg.precision, device):
-            pred = model(xt.flatten(0, 1)).float().argmax(1).view(n_trig, -1)
+        pred = _logits(model, xt.flatten(0, 1), cfg).argmax(1).view(n_trig, -1)
         counts += torch.einsum("nc,tnk->tck", onehot_y[start : start + per_pass], F.one_hot(pred, num_classes).float())
     return counts / onehot_y.sum(0).clamp(min=1).view(1, -1, 1)
 
@@ -276,8 +280,7 @@ def success_rate(model: nn.Module, x: torch.Tensor, pools: Pools | torch.Tensor,
     for start in range(0, int(length.max()), cols_per_pass):
         idx = pools.index[:, start : start + cols_per_pass].to(device)
         valid = (torch.arange(start, start + idx.shape[1], device=device).unsqueeze(0) < length.unsqueeze(1))
-        with autocast(cfg.precision, device):
-            pred = model(family.embed(x[idx], tensors).flatten(0, 1)).float().argmax(1).view(n_groups, -1)
+        pred = _logits(model, family.embed(x[idx], tensors).flatten(0, 1), cfg).argmax(1).view(n_groups, -1)
         hits += ((pred == image_targets(targets, idx, y)) & valid).float().sum(1)
     return hits / length
 
